@@ -1,0 +1,45 @@
+"""`tctl`: the administrator's command line.
+
+Each subcommand lives in its own module in this package and exposes
+`register(subparsers) -> None`, which adds its parser and sets `func` to a callable taking the
+parsed arguments and returning the exit code. Exit codes: 0 success, 1 the input or the
+state is wrong (lint errors, refused bundle), 2 usage or I/O errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Subcommand modules, in the order `tctl --help` lists them.
+SUBCOMMANDS = ["lint"]
+
+
+class UsageError(Exception):
+    """A problem with how tctl was called or with files it could not read: exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tctl",
+        description="Administer a teleport-db cluster: lint policy, inspect bundles, "
+        "manage users, join tokens and certificates.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"control.tctl.{name}_cmd").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"tctl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""`tsh`: the user's command line: log in, list databases, get database certificates."""

@@ -1,0 +1,328 @@
+"""The resources of the policy language as strict pydantic models.
+
+Four kinds, in the seeds' resource format (`kind`, `version`, `metadata`, `spec`):
+`role` (v5), `user` (v2), `db` (v3) and `cluster` (v1, one per repository). Every model
+forbids unknown fields, so a typo is an error and never silently widens access.
+
+These models validate plain values (already parsed from YAML). Mapping errors back to a file,
+line and column is the loader's job (`schemas.policy.loader`). This module never reads files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
+
+from schemas.durations import DurationError, parse_duration
+
+# --- shared pieces ----------------------------------------------------------------------
+
+NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$"
+LABEL_KEY_PATTERN = r"^(\*|[A-Za-z0-9]([A-Za-z0-9/._:-]{0,62}[A-Za-z0-9])?)$"
+
+# A template is `{{namespace.name}}`, optionally with literal text around it.
+TEMPLATE_RE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+TEMPLATE_VAR_RE = re.compile(r"^(internal|external)\.([A-Za-z_][A-Za-z0-9_-]*)$")
+INTERNAL_VARIABLES = {"db_names", "db_users"}
+
+
+class StrictModel(BaseModel):
+    """Base of every policy model: unknown fields are errors, values keep their YAML types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _check_duration(value: str) -> str:
+    try:
+        if parse_duration(value) <= timedelta(0):
+            raise ValueError(f"duration {value!r} must be greater than zero")
+    except DurationError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+Duration = Annotated[
+    str,
+    AfterValidator(_check_duration),
+    Field(
+        description="A duration such as 30m, 12h or 1h30m (units: s, m, h).",
+        examples=["12h", "30m"],
+    ),
+]
+
+ResourceName = Annotated[
+    str,
+    Field(
+        pattern=NAME_PATTERN,
+        description="Letters, digits, '.', '_' and '-'; starts and ends with a letter or digit.",
+    ),
+]
+
+
+def _check_regex_value(value: str) -> str:
+    """A value wrapped in ^...$ is a regular expression: it must compile."""
+    if value.startswith("^") and value.endswith("$") and len(value) >= 2:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"regular expression {value!r} does not compile: {exc}") from None
+    return value
+
+
+def check_template(value: str) -> str:
+    """Templates must name a known namespace and variable; unbalanced braces are errors."""
+    for match in TEMPLATE_RE.finditer(value):
+        expr = match.group(1)
+        var = TEMPLATE_VAR_RE.match(expr)
+        if var is None:
+            raise ValueError(
+                f"unknown template {match.group(0)!r}: use {{{{internal.db_names}}}}, "
+                "{{internal.db_users}} or {{external.NAME}}"
+            )
+        namespace, name = var.groups()
+        if namespace == "internal" and name not in INTERNAL_VARIABLES:
+            raise ValueError(
+                f"unknown template variable 'internal.{name}': internal has only "
+                "db_names and db_users"
+            )
+    rest = TEMPLATE_RE.sub("", value)
+    if "{{" in rest or "}}" in rest:
+        raise ValueError(f"unbalanced template braces in {value!r}")
+    return value
+
+
+LabelValue = Annotated[str, AfterValidator(_check_regex_value)]
+MatchValue = Annotated[str, AfterValidator(check_template), AfterValidator(_check_regex_value)]
+LabelKey = Annotated[str, Field(pattern=LABEL_KEY_PATTERN)]
+
+
+def _one_or_many(value: Any) -> Any:
+    """`env: prod` and `env: [prod, stage]` mean the same; normalize to a list."""
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+LabelSelector = dict[LabelKey, Annotated[list[LabelValue], BeforeValidator(_one_or_many)]]
+
+
+class Metadata(StrictModel):
+    name: ResourceName
+    description: str = ""
+    labels: dict[LabelKey, str] = Field(default_factory=dict)
+
+
+# --- role -------------------------------------------------------------------------------
+
+
+class RoleConditions(StrictModel):
+    """What a role allows or denies: databases by label, and db names and users inside them."""
+
+    db_labels: LabelSelector = Field(
+        default_factory=dict,
+        description="Label selector: every key must match; a key's values are alternatives. "
+        "'*': '*' matches every database; '*' inside a value is a glob; ^...$ is a regex.",
+    )
+    db_names: list[MatchValue] = Field(
+        default_factory=list,
+        description="Database names inside an instance; '*' matches any; templates allowed.",
+    )
+    db_users: list[MatchValue] = Field(
+        default_factory=list,
+        description="Database accounts; '*' matches any; templates allowed.",
+    )
+
+
+class RoleOptions(StrictModel):
+    max_session_ttl: Duration | None = None
+
+
+class RoleSpec(StrictModel):
+    allow: RoleConditions = Field(default_factory=RoleConditions)
+    deny: RoleConditions = Field(default_factory=RoleConditions)
+    options: RoleOptions = Field(default_factory=RoleOptions)
+
+
+class Role(StrictModel):
+    kind: Literal["role"]
+    version: Literal["v5"]
+    metadata: Metadata
+    spec: RoleSpec
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _known_version(cls, value: Any) -> Any:
+        if value in ("v3", "v4"):
+            raise ValueError(
+                f"role version {value} is not supported; use v5 (the database fields "
+                "db_labels, db_names and db_users are the same)"
+            )
+        return value
+
+
+# --- user -------------------------------------------------------------------------------
+
+
+class UserSpec(StrictModel):
+    roles: list[ResourceName] = Field(min_length=1)
+    traits: dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")],
+        list[str],
+    ] = Field(
+        default_factory=dict,
+        description="db_names and db_users feed {{internal.*}}; any other list feeds "
+        "{{external.NAME}}.",
+    )
+
+
+class User(StrictModel):
+    kind: Literal["user"]
+    version: Literal["v2"]
+    metadata: Metadata
+    spec: UserSpec
+
+
+# --- database ---------------------------------------------------------------------------
+
+HOST_PORT_RE = re.compile(
+    r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):(?P<port>\d{1,5})$"
+)
+AWS_REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d{1,2}$")
+
+
+def _check_host_port(value: str) -> str:
+    m = HOST_PORT_RE.match(value)
+    if m is None:
+        raise ValueError(f"{value!r} is not host:port (e.g. db.example.com:5432)")
+    port = int(m.group("port"))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} in {value!r} is out of range 1-65535")
+    return value
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """Split a validated `host:port` (IPv6 hosts in brackets) into host and port."""
+    m = HOST_PORT_RE.match(value)
+    if m is None:
+        raise ValueError(f"{value!r} is not host:port")
+    return m.group("host").strip("[]"), int(m.group("port"))
+
+
+HostPort = Annotated[
+    str, AfterValidator(_check_host_port), Field(examples=["db.example.com:5432"])
+]
+
+
+class DatabaseAWS(StrictModel):
+    region: Annotated[str, Field(pattern=AWS_REGION_RE.pattern, examples=["us-east-1"])]
+
+
+class DatabaseTLS(StrictModel):
+    mode: Literal["verify-full", "verify-ca"] = Field(
+        default="verify-full",
+        description="verify-full checks the chain and the host name; verify-ca only the chain.",
+    )
+
+
+class DatabaseSpec(StrictModel):
+    protocol: Literal["postgres"]
+    uri: HostPort
+    ca_cert_file: str | None = Field(
+        default=None, description="CA bundle on the agent host, e.g. the RDS root CA."
+    )
+    aws: DatabaseAWS | None = None
+    tls: DatabaseTLS = Field(default_factory=DatabaseTLS)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _known_protocol(cls, value: Any) -> Any:
+        if value == "mysql":
+            raise ValueError("protocol mysql is not supported yet; use postgres")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_label_commands(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("dynamic_labels", "commands"):
+                if key in data:
+                    raise ValueError(
+                        f"{key} are not allowed in the policy repository: they would let "
+                        "anyone who can push run commands on agent hosts; define them in "
+                        "the agent's own teleport.yaml (db_service.databases[].commands)"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _rds_needs_region(self) -> DatabaseSpec:
+        host, _ = split_host_port(self.uri)
+        if host.endswith(".rds.amazonaws.com") and self.aws is None:
+            raise ValueError(
+                f"{host} is an AWS RDS/Aurora endpoint: set spec.aws.region so the agent "
+                "can sign IAM authentication tokens"
+            )
+        return self
+
+
+class Database(StrictModel):
+    kind: Literal["db"]
+    version: Literal["v3"]
+    metadata: Metadata
+    spec: DatabaseSpec
+
+
+# --- cluster ----------------------------------------------------------------------------
+
+
+class ClusterSpec(StrictModel):
+    certificate_ttl: Duration = Field(
+        default="12h", description="Default lifetime of user certificates."
+    )
+    max_session_ttl: Duration = Field(
+        default="30h", description="No certificate outlives this, whatever a role says."
+    )
+    disconnect_expired_cert: StrictBool = Field(
+        default=False, description="End a live session when its certificate expires."
+    )
+
+
+class Cluster(StrictModel):
+    kind: Literal["cluster"]
+    version: Literal["v1"]
+    metadata: Metadata
+    spec: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+KINDS: dict[str, type[StrictModel]] = {
+    "role": Role,
+    "user": User,
+    "db": Database,
+    "cluster": Cluster,
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A whole, valid policy repository at one commit."""
+
+    cluster: Cluster
+    roles: dict[str, Role] = field(default_factory=dict)
+    users: dict[str, User] = field(default_factory=dict)
+    databases: dict[str, Database] = field(default_factory=dict)
