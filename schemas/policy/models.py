@@ -39,6 +39,25 @@ TEMPLATE_VAR_RE = re.compile(r"^(internal|external)\.([A-Za-z_][A-Za-z0-9_-]*)$"
 INTERNAL_VARIABLES = {"db_names", "db_users"}
 
 
+class PolicyValueError(ValueError):
+    """A validation failure that knows its lint rule id and, optionally, a finer position.
+
+    Pydantic keeps the exception in the error's context, so the loader can read `rule` (the
+    `schemas.policy.problems.RULES` id) and `at` (a location relative to the validated
+    object, e.g. `("uri",)` for a model validator that blames one field); `on_key` points
+    the problem at that key rather than its value. It is a ValueError: code that does not
+    care sees an ordinary validation error.
+    """
+
+    def __init__(
+        self, message: str, *, rule: str, at: tuple[str, ...] = (), on_key: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.rule = rule
+        self.at = at
+        self.on_key = on_key
+
+
 class StrictModel(BaseModel):
     """Base of every policy model: unknown fields are errors, values keep their YAML types."""
 
@@ -48,9 +67,11 @@ class StrictModel(BaseModel):
 def _check_duration(value: str) -> str:
     try:
         if parse_duration(value) <= timedelta(0):
-            raise ValueError(f"duration {value!r} must be greater than zero")
+            raise PolicyValueError(
+                f"duration {value!r} must be greater than zero", rule="invalid-duration"
+            )
     except DurationError as exc:
-        raise ValueError(str(exc)) from None
+        raise PolicyValueError(str(exc), rule="invalid-duration") from None
     return value
 
 
@@ -78,7 +99,9 @@ def _check_regex_value(value: str) -> str:
         try:
             re.compile(value)
         except re.error as exc:
-            raise ValueError(f"regular expression {value!r} does not compile: {exc}") from None
+            raise PolicyValueError(
+                f"regular expression {value!r} does not compile: {exc}", rule="invalid-regex"
+            ) from None
     return value
 
 
@@ -88,19 +111,24 @@ def check_template(value: str) -> str:
         expr = match.group(1)
         var = TEMPLATE_VAR_RE.match(expr)
         if var is None:
-            raise ValueError(
+            raise PolicyValueError(
                 f"unknown template {match.group(0)!r}: use {{{{internal.db_names}}}}, "
-                "{{internal.db_users}} or {{external.NAME}}"
+                "{{internal.db_users}} or {{external.NAME}}",
+                rule="invalid-template",
             )
         namespace, name = var.groups()
         if namespace == "internal" and name not in INTERNAL_VARIABLES:
-            raise ValueError(
+            raise PolicyValueError(
                 f"unknown template variable 'internal.{name}': internal has only "
-                "db_names and db_users"
+                "db_names and db_users",
+                rule="invalid-template",
             )
     rest = TEMPLATE_RE.sub("", value)
     if "{{" in rest or "}}" in rest:
-        raise ValueError(f"unbalanced template braces in {value!r}")
+        raise PolicyValueError(
+            f"unbalanced template braces in {value!r}: write {{{{namespace.name}}}}",
+            rule="invalid-template",
+        )
     return value
 
 
@@ -116,7 +144,14 @@ def _one_or_many(value: Any) -> Any:
     return value
 
 
-LabelSelector = dict[LabelKey, Annotated[list[LabelValue], BeforeValidator(_one_or_many)]]
+LabelSelector = dict[
+    LabelKey,
+    Annotated[
+        list[LabelValue],
+        # The JSON Schema shows what a person may write: one value or a list of them.
+        BeforeValidator(_one_or_many, json_schema_input_type=str | list[str]),
+    ],
+]
 
 
 class Metadata(StrictModel):
@@ -166,9 +201,10 @@ class Role(StrictModel):
     @classmethod
     def _known_version(cls, value: Any) -> Any:
         if value in ("v3", "v4"):
-            raise ValueError(
+            raise PolicyValueError(
                 f"role version {value} is not supported; use v5 (the database fields "
-                "db_labels, db_names and db_users are the same)"
+                "db_labels, db_names and db_users are the same)",
+                rule="unsupported-version",
             )
         return value
 
@@ -206,10 +242,14 @@ AWS_REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d{1,2}$")
 def _check_host_port(value: str) -> str:
     m = HOST_PORT_RE.match(value)
     if m is None:
-        raise ValueError(f"{value!r} is not host:port (e.g. db.example.com:5432)")
+        raise PolicyValueError(
+            f"{value!r} is not host:port (e.g. db.example.com:5432)", rule="invalid-address"
+        )
     port = int(m.group("port"))
     if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} in {value!r} is out of range 1-65535")
+        raise PolicyValueError(
+            f"port {port} in {value!r} is out of range 1-65535", rule="invalid-address"
+        )
     return value
 
 
@@ -221,9 +261,7 @@ def split_host_port(value: str) -> tuple[str, int]:
     return m.group("host").strip("[]"), int(m.group("port"))
 
 
-HostPort = Annotated[
-    str, AfterValidator(_check_host_port), Field(examples=["db.example.com:5432"])
-]
+HostPort = Annotated[str, AfterValidator(_check_host_port), Field(examples=["db.example.com:5432"])]
 
 
 class DatabaseAWS(StrictModel):
@@ -250,7 +288,9 @@ class DatabaseSpec(StrictModel):
     @classmethod
     def _known_protocol(cls, value: Any) -> Any:
         if value == "mysql":
-            raise ValueError("protocol mysql is not supported yet; use postgres")
+            raise PolicyValueError(
+                "protocol mysql is not supported yet; use postgres", rule="unsupported-protocol"
+            )
         return value
 
     @model_validator(mode="before")
@@ -259,10 +299,13 @@ class DatabaseSpec(StrictModel):
         if isinstance(data, dict):
             for key in ("dynamic_labels", "commands"):
                 if key in data:
-                    raise ValueError(
+                    raise PolicyValueError(
                         f"{key} are not allowed in the policy repository: they would let "
                         "anyone who can push run commands on agent hosts; define them in "
-                        "the agent's own teleport.yaml (db_service.databases[].commands)"
+                        "the agent's own teleport.yaml (db_service.databases[].commands)",
+                        rule="refused-field",
+                        at=(key,),
+                        on_key=True,
                     )
         return data
 
@@ -270,9 +313,11 @@ class DatabaseSpec(StrictModel):
     def _rds_needs_region(self) -> DatabaseSpec:
         host, _ = split_host_port(self.uri)
         if host.endswith(".rds.amazonaws.com") and self.aws is None:
-            raise ValueError(
+            raise PolicyValueError(
                 f"{host} is an AWS RDS/Aurora endpoint: set spec.aws.region so the agent "
-                "can sign IAM authentication tokens"
+                "can sign IAM authentication tokens",
+                rule="aws-region-missing",
+                at=("uri",),
             )
         return self
 
