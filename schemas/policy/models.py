@@ -81,6 +81,7 @@ Duration = Annotated[
     Field(
         description="A duration such as 30m, 12h or 1h30m (units: s, m, h).",
         examples=["12h", "30m"],
+        json_schema_extra={"pattern": r"^([0-9]*\.?[0-9]+(ns|us|µs|ms|s|m|h))+$"},
     ),
 ]
 
@@ -155,6 +156,8 @@ LabelSelector = dict[
 
 
 class Metadata(StrictModel):
+    """Name, description and labels of a resource."""
+
     name: ResourceName
     description: str = ""
     labels: dict[LabelKey, str] = Field(default_factory=dict)
@@ -182,16 +185,22 @@ class RoleConditions(StrictModel):
 
 
 class RoleOptions(StrictModel):
+    """Session options of a role."""
+
     max_session_ttl: Duration | None = None
 
 
 class RoleSpec(StrictModel):
+    """Allow and deny rules of a role; deny rules win and match greedily."""
+
     allow: RoleConditions = Field(default_factory=RoleConditions)
     deny: RoleConditions = Field(default_factory=RoleConditions)
     options: RoleOptions = Field(default_factory=RoleOptions)
 
 
 class Role(StrictModel):
+    """A role (seed 003): which databases, db users and db names it allows or denies."""
+
     kind: Literal["role"]
     version: Literal["v5"]
     metadata: Metadata
@@ -213,6 +222,8 @@ class Role(StrictModel):
 
 
 class UserSpec(StrictModel):
+    """The roles a user has, and traits that feed role templates."""
+
     roles: list[ResourceName] = Field(min_length=1)
     traits: dict[
         Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")],
@@ -225,6 +236,8 @@ class UserSpec(StrictModel):
 
 
 class User(StrictModel):
+    """A person (or robot) who logs in with tsh."""
+
     kind: Literal["user"]
     version: Literal["v2"]
     metadata: Metadata
@@ -265,10 +278,14 @@ HostPort = Annotated[str, AfterValidator(_check_host_port), Field(examples=["db.
 
 
 class DatabaseAWS(StrictModel):
+    """AWS RDS/Aurora settings: the agent signs IAM authentication tokens."""
+
     region: Annotated[str, Field(pattern=AWS_REGION_RE.pattern, examples=["us-east-1"])]
 
 
 class DatabaseTLS(StrictModel):
+    """How the agent verifies the database server's certificate."""
+
     mode: Literal["verify-full", "verify-ca"] = Field(
         default="verify-full",
         description="verify-full checks the chain and the host name; verify-ca only the chain.",
@@ -276,6 +293,8 @@ class DatabaseTLS(StrictModel):
 
 
 class DatabaseSpec(StrictModel):
+    """Where the database is and how the agent connects to it."""
+
     protocol: Literal["postgres"]
     uri: HostPort
     ca_cert_file: str | None = Field(
@@ -323,6 +342,8 @@ class DatabaseSpec(StrictModel):
 
 
 class Database(StrictModel):
+    """A database the agents proxy (kind db); labels are what roles select on."""
+
     kind: Literal["db"]
     version: Literal["v3"]
     metadata: Metadata
@@ -333,6 +354,8 @@ class Database(StrictModel):
 
 
 class ClusterSpec(StrictModel):
+    """Certificate lifetimes of the cluster."""
+
     certificate_ttl: Duration = Field(
         default="12h", description="Default lifetime of user certificates."
     )
@@ -345,6 +368,8 @@ class ClusterSpec(StrictModel):
 
 
 class Cluster(StrictModel):
+    """The cluster this repository describes (cluster.yaml; exactly one)."""
+
     kind: Literal["cluster"]
     version: Literal["v1"]
     metadata: Metadata
