@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order `tctl --help` lists them.
-SUBCOMMANDS = ["lint"]
+SUBCOMMANDS = ["lint", "auth"]
 
 
 class UsageError(Exception):
