@@ -309,7 +309,6 @@ class CertificateAuthority:
 
     # -- public parts ------------------------------------------------------------------------
 
-    @property
     def certificate_pem(self) -> bytes:
         return certificate_pem(self.certificate)
 

@@ -119,7 +119,7 @@ def sign_db_server(
     crt_path, key_path, cas_path = files
     write_private(key_path, private_key_pem(key))
     write_atomic(crt_path, certificate_pem(cert))
-    write_atomic(cas_path, db_ca.certificate_pem)
+    write_atomic(cas_path, db_ca.certificate_pem())
     return DbServerFiles(crt_path, key_path, cas_path, cert.not_valid_after_utc)
 
 

@@ -53,6 +53,7 @@ def craft(
     not_after: datetime | None = None,
     critical: bool = False,
     raw_extension: bytes | None = None,
+    eku: tuple[x509.ObjectIdentifier, ...] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
 ) -> x509.Certificate:
     """A certificate signed with the CA's real key but built by hand, to test the reader."""
     key = new_private_key()
@@ -66,7 +67,7 @@ def craft(
         .not_valid_before(now() - HOUR)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()),  # type: ignore[arg-type]
             critical=False,
@@ -276,6 +277,15 @@ def test_common_name_must_be_the_user(cas: ClusterCAs) -> None:
     cert = craft(cas.user, login_identity(), cn="mallory")
     with pytest.raises(IdentityError, match="CN 'mallory' does not match"):
         verify_identity([cert], [cas.user.certificate], now(), "user")
+
+
+def test_certificate_must_be_for_client_authentication(cas: ClusterCAs) -> None:
+    server_only = craft(cas.user, login_identity(), eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    with pytest.raises(IdentityError, match="path validation"):
+        verify_identity([server_only], [cas.user.certificate], now(), "user")
+    # Control: the same hand-made certificate with clientAuth is accepted.
+    good = craft(cas.user, login_identity())
+    assert verify_identity([good], [cas.user.certificate], now(), "user").username == "alice"
 
 
 def test_identity_for_another_cluster(cas: ClusterCAs) -> None:

@@ -119,7 +119,7 @@ def test_psql_verifies_the_server_against_the_db_ca(setup) -> None:  # type: ign
     server, cas, impostor, base = setup
     crt, key = write_client(cas, "alice", base / "good2")
     wrong_root = base / "impostor-db-ca.crt"
-    wrong_root.write_bytes(impostor.db.certificate_pem)
+    wrong_root.write_bytes(impostor.db.certificate_pem())
     done = run_psql(psql_as(server, "alice", crt, key, wrong_root), "select 1")
     assert done.returncode != 0
     assert "certificate verify failed" in done.stderr

@@ -77,7 +77,7 @@ def test_sign_db_server_files_modes_and_printed_config(
     crt, key, cas_file = out_dir / "server.crt", out_dir / "server.key", out_dir / "server.cas"
     assert mode(key) == 0o600
     assert mode(crt) == 0o644 and mode(cas_file) == 0o644
-    assert cas_file.read_bytes() == cas.db.certificate_pem
+    assert cas_file.read_bytes() == cas.db.certificate_pem()
     cert = x509.load_pem_x509_certificate(crt.read_bytes())
     cert.verify_directly_issued_by(cas.db.certificate)
     assert abs(cert.not_valid_after_utc - datetime.now(UTC) - timedelta(hours=8760)) < timedelta(
@@ -121,7 +121,7 @@ def test_sign_for_a_robot_user(run, data_dir, tmp_path: Path, open_umask: None) 
     assert (code, err) == (0, "")
     assert mode(out_dir) == 0o700
     assert mode(out_dir / "ci-bot.key") == 0o600
-    assert (out_dir / "ca.crt").read_bytes() == cas.host.certificate_pem
+    assert (out_dir / "ca.crt").read_bytes() == cas.host.certificate_pem()
     identity = verify_identity(
         (out_dir / "ci-bot.crt").read_bytes(), [cas.user.certificate], datetime.now(UTC), "db"
     )
@@ -173,7 +173,7 @@ def test_data_dir_from_the_environment(run, data_dir, monkeypatch: pytest.Monkey
     path, cas = data_dir
     monkeypatch.setenv("TELEPORT_DATA_DIR", str(path))
     code, out, _ = run("auth", "export", "--type=db")
-    assert code == 0 and out.encode() == cas.db.certificate_pem
+    assert code == 0 and out.encode() == cas.db.certificate_pem()
 
 
 def test_missing_data_dir_or_ca_exits_2(run, tmp_path: Path) -> None:

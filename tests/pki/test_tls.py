@@ -102,12 +102,12 @@ async def serve_once(
 
 def mtls_server(cas: ClusterCAs) -> ssl.SSLContext:
     proxy = proxy_pair(cas)
-    return server_context(proxy.cert, proxy.key, [cas.user.certificate_pem], "required")
+    return server_context(proxy.cert, proxy.key, [cas.user.certificate_pem()], "required")
 
 
 def test_mtls_accepts_a_user_certificate_and_reads_its_identity(cas: ClusterCAs) -> None:
     alice = user_pair(cas)
-    client = client_context([cas.host.certificate_pem], alice.cert, alice.key)
+    client = client_context([cas.host.certificate_pem()], alice.cert, alice.key)
     data, served = asyncio.run(serve_once(mtls_server(cas), client, cas))
     assert data == b"hello alice over TLSv1.3"
     assert served.identities == ["alice"]
@@ -126,7 +126,7 @@ def test_peer_chain_on_this_python_holds_the_leaf(cas: ClusterCAs) -> None:
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=mtls_server(cas))
         port = server.sockets[0].getsockname()[1]
-        client = client_context([cas.host.certificate_pem], alice.cert, alice.key)
+        client = client_context([cas.host.certificate_pem()], alice.cert, alice.key)
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=client, server_hostname="localhost"
         )
@@ -156,25 +156,25 @@ def test_client_certificate_from_another_ca_is_refused_in_the_handshake(
     cas: ClusterCAs, other_cas: ClusterCAs
 ) -> None:
     mallory = user_pair(other_cas, "alice")  # same CA name, different key
-    client = client_context([cas.host.certificate_pem], mallory.cert, mallory.key)
+    client = client_context([cas.host.certificate_pem()], mallory.cert, mallory.key)
     assert refused(mtls_server(cas), client, cas)
     # Control: the same client with a certificate from the right CA gets through.
     alice = user_pair(cas)
-    client = client_context([cas.host.certificate_pem], alice.cert, alice.key)
+    client = client_context([cas.host.certificate_pem()], alice.cert, alice.key)
     assert not refused(mtls_server(cas), client, cas)
 
 
 def test_client_without_certificate_is_refused(cas: ClusterCAs) -> None:
-    assert refused(mtls_server(cas), client_context([cas.host.certificate_pem]), cas)
+    assert refused(mtls_server(cas), client_context([cas.host.certificate_pem()]), cas)
 
 
 def test_client_verifies_the_server_name_and_ca(cas: ClusterCAs, other_cas: ClusterCAs) -> None:
     alice = user_pair(cas)
-    client = client_context([cas.host.certificate_pem], alice.cert, alice.key)
+    client = client_context([cas.host.certificate_pem()], alice.cert, alice.key)
     with pytest.raises(ssl.SSLCertVerificationError, match=r"Hostname mismatch|doesn't match"):
         asyncio.run(serve_once(mtls_server(cas), client, cas, server_hostname="db.example.com"))
     impostor = proxy_pair(other_cas)
-    server = server_context(impostor.cert, impostor.key, [cas.user.certificate_pem], "required")
+    server = server_context(impostor.cert, impostor.key, [cas.user.certificate_pem()], "required")
     with pytest.raises(ssl.SSLCertVerificationError):
         asyncio.run(serve_once(server, client, cas))
 
@@ -233,8 +233,8 @@ def test_pem_bytes_leave_no_key_file_behind(
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     proxy = proxy_pair(cas)
-    server_context(proxy.cert, proxy.key, [cas.user.certificate_pem], "optional")
-    client_context([cas.host.certificate_pem], proxy.cert, proxy.key)
+    server_context(proxy.cert, proxy.key, [cas.user.certificate_pem()], "optional")
+    client_context([cas.host.certificate_pem()], proxy.cert, proxy.key)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -245,4 +245,4 @@ def test_contexts_refuse_unsafe_arguments(cas: ClusterCAs) -> None:
     with pytest.raises(ValueError, match="CA certificates"):
         client_context([])
     with pytest.raises(ValueError, match="both cert and key"):
-        client_context([cas.host.certificate_pem], proxy.cert)
+        client_context([cas.host.certificate_pem()], proxy.cert)
