@@ -60,7 +60,15 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.bundle import canonical_json
 
@@ -87,6 +95,9 @@ _USAGE_WORDS = {
 }
 
 Name = Annotated[str, Field(min_length=1, max_length=255)]
+# Lists are accepted (and kept as tuples): role and trait lists come from JSON and YAML.
+Names = Annotated[tuple[Name, ...], Strict(False)]
+Values = Annotated[tuple[str, ...], Strict(False)]
 
 
 class IdentityError(Exception):
@@ -111,8 +122,8 @@ class Identity(_Frozen):
     """What a teleport-db certificate asserts about its holder."""
 
     username: Name
-    roles: tuple[Name, ...] = ()
-    traits: dict[Name, tuple[str, ...]] = Field(default_factory=dict)
+    roles: Names = ()
+    traits: dict[Name, Values] = Field(default_factory=dict)
     cluster: Name
     usage: Usage
     expires: datetime

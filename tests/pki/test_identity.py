@@ -171,6 +171,15 @@ def test_identity_fields_must_fit_the_usage() -> None:
         login_identity(expires=datetime(2030, 1, 1))
 
 
+def test_roles_and_traits_may_be_given_as_lists() -> None:
+    identity = login_identity(roles=["dba"], traits={"db_users": ["alice"]})
+    assert identity.roles == ("dba",) and identity.traits == {"db_users": ("alice",)}
+    with pytest.raises(ValueError, match="roles"):
+        login_identity(roles="dba")
+    with pytest.raises(ValueError, match="roles"):
+        login_identity(roles=[""])
+
+
 # --- tampering and misuse ----------------------------------------------------------------
 
 
