@@ -197,18 +197,13 @@ def parse_unverified(data: bytes) -> tuple[dict[str, Any], bytes]:
     return envelope, _b64(envelope, "payload")
 
 
-def verify_bundle(
-    data: bytes,
-    trusted_keys: Mapping[str, Ed25519PublicKey],
-    cluster: str,
-    min_serial: int,
-    now: datetime,
+def verify_bundle_signature(
+    data: bytes, trusted_keys: Mapping[str, Ed25519PublicKey], cluster: str
 ) -> Bundle:
-    """Verify a bundle file completely; return it, or raise BundleRejected naming why.
+    """Check envelope, signature, key id, payload and cluster, but not serial or times.
 
-    Checks, in order: envelope and encoding, signature present, key id trusted, signature
-    valid, payload well-formed, cluster name, serial not lower than `min_serial` (no
-    rollback), issued-at not in the future, expires-at not passed (no freeze).
+    For reading bundles the control plane itself kept (to show, diff or re-sign them);
+    anything that will be enforced goes through `verify_bundle`.
     """
     envelope, payload = parse_unverified(data)
     signature = _b64(envelope, "signature")
@@ -237,6 +232,23 @@ def verify_bundle(
             RejectReason.WRONG_CLUSTER,
             f"the bundle is for cluster {bundle.cluster.name!r}, not {cluster!r}",
         )
+    return bundle
+
+
+def verify_bundle(
+    data: bytes,
+    trusted_keys: Mapping[str, Ed25519PublicKey],
+    cluster: str,
+    min_serial: int,
+    now: datetime,
+) -> Bundle:
+    """Verify a bundle file completely; return it, or raise BundleRejected naming why.
+
+    Checks, in order: envelope and encoding, signature present, key id trusted, signature
+    valid, payload well-formed, cluster name, serial not lower than `min_serial` (no
+    rollback), issued-at not in the future, expires-at not passed (no freeze).
+    """
+    bundle = verify_bundle_signature(data, trusted_keys, cluster)
     if bundle.serial < min_serial:
         raise BundleRejected(
             RejectReason.ROLLBACK,

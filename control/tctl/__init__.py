@@ -10,15 +10,40 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # Subcommand modules, in the order `tctl --help` lists them.
-SUBCOMMANDS = ["lint", "auth"]
+SUBCOMMANDS = ["lint", "auth", "status", "reconcile", "bundle"]
+
+
+DEFAULT_DATA_DIR = "/var/lib/teleport"
 
 
 class UsageError(Exception):
     """A problem with how tctl was called or with files it could not read: exit code 2."""
+
+
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="the control plane's data directory (default: $TELEPORT_DATA_DIR or "
+        f"{DEFAULT_DATA_DIR})",
+    )
+
+
+def data_dir_of(args: argparse.Namespace, must_exist: bool = True) -> Path:
+    """The data dir from --data-dir, $TELEPORT_DATA_DIR or the default; checked to exist."""
+    path = Path(args.data_dir or os.environ.get("TELEPORT_DATA_DIR") or DEFAULT_DATA_DIR)
+    if must_exist and not path.is_dir():
+        raise UsageError(
+            f"data directory {path} does not exist; start the control plane first "
+            "(teleport start --roles=auth) or pass --data-dir"
+        )
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
