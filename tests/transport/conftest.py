@@ -118,6 +118,15 @@ def parse_responses(data: bytes, methods: list[bytes] | None = None
     return out
 
 
+async def eventually(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait until `condition()` holds (an AssertionError after `timeout` seconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
 def status_line(data: bytes) -> bytes:
     return data.split(b"\r\n", 1)[0]
 

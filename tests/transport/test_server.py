@@ -10,7 +10,14 @@ import logging
 import pydantic
 import pytest
 
-from tests.transport.conftest import FAST, Runner, parse_responses, read_all, serving
+from tests.transport.conftest import (
+    FAST,
+    Runner,
+    eventually,
+    parse_responses,
+    read_all,
+    serving,
+)
 from transport.http import (
     ApiError,
     HttpClient,
@@ -306,8 +313,7 @@ def test_a_client_that_disconnects_cancels_its_long_poll(run: Runner) -> None:
             await asyncio.wait_for(entered.wait(), 2)
             writer.close()
             await asyncio.wait_for(cancelled.wait(), 2)
-            await asyncio.sleep(0.05)
-            assert s.server.connection_count == 0
+            await eventually(lambda: s.server.connection_count == 0)
 
     run(scenario())
 

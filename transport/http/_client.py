@@ -25,7 +25,7 @@ import h11
 import pydantic
 import pydantic_core
 
-from transport.http._headers import Headers
+from transport.http._headers import Headers, head_size
 from transport.http._messages import ApiError, format_location, parse_json_body
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
@@ -114,7 +114,7 @@ def api_error(response: ClientResponse) -> ApiError:
     except (ValueError, KeyError, TypeError):
         pass
     message = f"{response.url} answered {response.status} {response.reason}".rstrip()
-    if response.headers.get("content-type", "").startswith("text/"):
+    if response.headers.get("content-type", "").startswith("text/plain"):
         text = response.body[:200].decode("utf-8", "replace").strip()
         if text:
             message += f": {text}"
@@ -265,8 +265,14 @@ class HttpClient:
                 await self._drop()
                 if attempt == 1 and reused and method in _IDEMPOTENT:
                     continue
-                hint = " (if it serves HTTPS, use an https:// address)" if not reused and \
-                    self.ssl_context is None else ""
+                if not reused and self.ssl_context is not None:
+                    # With TLS 1.3 the server checks our certificate after our side of the
+                    # handshake is done; asyncio servers then close without an alert.
+                    raise HttpTlsError(f"{url}: the server closed the new TLS connection "
+                                       "without answering; it may have refused our client "
+                                       "certificate (missing, expired or from another CA)",
+                                       self.address) from None
+                hint = "" if reused else " (if it serves HTTPS, use an https:// address)"
                 raise HttpProtocolError(f"{url}: the server closed the connection without "
                                         f"answering{hint}", self.address) from None
             if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
@@ -318,6 +324,9 @@ class HttpClient:
             elif isinstance(event, h11.InformationalResponse):
                 continue
             elif isinstance(event, h11.Response):
+                if head_size((event.reason,), event.headers) > self.max_header_bytes:
+                    raise self._protocol_error(
+                        h11.RemoteProtocolError("head too large", error_status_hint=431), url)
                 head = event
                 declared = _content_length(event)
                 if declared is not None and declared > self.max_response_bytes:
@@ -351,9 +360,17 @@ class HttpClient:
         except socket.gaierror as exc:
             raise HttpConnectError(f"cannot connect to {self.address}: the host name does not "
                                    f"resolve ({exc.strerror})", self.address) from None
+        except ConnectionError as exc:
+            if self.ssl_context is not None:
+                raise HttpTlsError(f"TLS with {self.address} failed: the server ended the "
+                                   "handshake without saying why; it may have refused our "
+                                   "client certificate (missing, expired or from another CA)",
+                                   self.address) from None
+            raise HttpConnectError(f"cannot connect to {self.address}: "
+                                   f"{_os_reason(exc)}", self.address) from None
         except OSError as exc:
             raise HttpConnectError(f"cannot connect to {self.address}: "
-                                   f"{exc.strerror or exc}", self.address) from None
+                                   f"{_os_reason(exc)}", self.address) from None
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.max_header_bytes)
         return _ClientConnection(reader, writer, conn, asyncio.get_running_loop().time())
 
@@ -428,6 +445,10 @@ class _ClientConnection:
                 await self.writer.wait_closed()
         except (OSError, TimeoutError):
             self.writer.transport.abort()
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _content_length(event: h11.Response) -> int | None:

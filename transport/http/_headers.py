@@ -80,6 +80,13 @@ def _text(value: str | bytes) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else str(value)
 
 
+def head_size(start_line: Iterable[bytes], fields: Iterable[tuple[bytes, bytes]]) -> int:
+    """About how many bytes a message head took on the wire (h11 bounds only heads that are
+    still incomplete; one that arrives whole in one read is measured with this)."""
+    return sum(len(part) + 1 for part in start_line) + sum(
+        len(name) + len(value) + 4 for name, value in fields)
+
+
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
     """Whether an `If-None-Match` value names `etag` (weak comparison, RFC 9110 13.1.2).
 

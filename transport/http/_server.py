@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import h11
 import pydantic
 
-from transport.http._headers import Headers
+from transport.http._headers import Headers, head_size
 from transport.http._messages import (
     ApiError,
     Request,
@@ -203,6 +203,7 @@ class _ServerConnection:
         self.h11 = h11.Connection(h11.SERVER,
                                   max_incomplete_event_size=self.limits.max_header_bytes)
         self.peer = _peer(writer)
+        self.linger = False
         ssl_object = writer.get_extra_info("ssl_object")
         self.peer_cert: bytes | None = (
             ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -290,6 +291,9 @@ class _ServerConnection:
         while True:
             event = self.h11.next_event()
             if isinstance(event, h11.Request):
+                if head_size((event.method, event.target), event.headers) > \
+                        self.limits.max_header_bytes:
+                    raise h11.RemoteProtocolError("head too large", error_status_hint=431)
                 return event
             if isinstance(event, h11.ConnectionClosed):
                 return None
@@ -382,6 +386,10 @@ class _ServerConnection:
         await asyncio.Event().wait()
 
     async def _send_error(self, status: int, code: str, message: str) -> None:
+        """Answer an error and mark the connection to end. The client may still be sending
+        (a body we refused, a head we cut off): close() reads and drops that for a moment,
+        so that it reads this answer rather than a connection reset."""
+        self.linger = True
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with contextlib.suppress(_ClientGone):
                 await self._send(error_response(status, code, message), None, close=True)
@@ -425,7 +433,7 @@ class _ServerConnection:
             raise _ClientGone from None
 
     async def close(self) -> None:
-        if self.h11.their_state in (h11.SEND_BODY, h11.ERROR):
+        if self.linger:
             await self._linger()
         self.writer.close()
         try:
@@ -435,8 +443,6 @@ class _ServerConnection:
             self.writer.transport.abort()
 
     async def _linger(self) -> None:
-        # The client may still be sending what we refused: read and drop it for a moment,
-        # so that it reads our answer instead of a connection reset.
         with contextlib.suppress(OSError, RuntimeError):
             if self.writer.can_write_eof():
                 self.writer.write_eof()
