@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from transport import tls
 from transport.http import Handler, HttpServer, ServerLimits
 
 #: Small limits so that every timeout in the tests fires quickly.
@@ -203,21 +204,21 @@ class Pki:
     other_client: Issued
 
     def server_context(self, client_certs: ssl.VerifyMode = ssl.CERT_NONE) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.server.cert_path, self.server.key_path)
-        if client_certs != ssl.CERT_NONE:
-            ctx.verify_mode = client_certs
-            ctx.load_verify_locations(cadata=self.ca.pem.decode())
-        return ctx
+        """The product's server context (transport.tls) with this PKI's server certificate."""
+        auth = {ssl.CERT_NONE: "none", ssl.CERT_OPTIONAL: "optional",
+                ssl.CERT_REQUIRED: "required"}[client_certs]
+        return tls.server_context(self.server.cert_path, self.server.key_path,
+                                  client_cas=[self.ca.pem] if auth != "none" else (),
+                                  client_auth=auth)
 
     def client_context(self, identity: Issued | None = None, trust: Issued | None = None
                        ) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cadata=(trust or self.ca).pem.decode())
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if identity is not None:
-            ctx.load_cert_chain(identity.cert_path, identity.key_path)
-        return ctx
+        """The product's client context trusting `trust` (this PKI's CA by default)."""
+        return tls.client_context(
+            [(trust or self.ca).pem],
+            identity.cert_path if identity else None,
+            identity.key_path if identity else None,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ client's certificate), connections handed over after peeking, and TLS failures."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 import ssl
@@ -197,5 +198,32 @@ def test_accept_socket_with_a_failed_handshake_closes_the_socket(run: Runner, pk
             await client.aclose()
             await server.close()
             listener.close()
+
+    run(scenario())
+
+
+def test_a_tls_client_that_disconnects_cancels_its_long_poll(run: Runner, pki: Pki) -> None:
+    async def scenario() -> None:
+        entered, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def handler(request: Request) -> Response:
+            entered.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return json_response({})
+
+        async with serving(handler, ssl_context=pki.server_context()) as s:
+            client = HttpClient(s.url, ssl_context=pki.client_context())
+            poll = asyncio.create_task(client.request("GET", "/v1/bundle", timeout=30))
+            await asyncio.wait_for(entered.wait(), 2)
+            poll.cancel()  # the caller gives up: the client drops its connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await poll
+            await asyncio.wait_for(cancelled.wait(), 2)
+            await eventually(lambda: s.server.connection_count == 0)
+            await client.aclose()
 
     run(scenario())

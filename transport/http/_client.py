@@ -26,7 +26,7 @@ import pydantic
 import pydantic_core
 
 from transport.http._headers import Headers, head_size
-from transport.http._messages import ApiError, format_location, parse_json_body
+from transport.http._messages import ApiError, encode_json, format_location, parse_json_body
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
@@ -232,10 +232,7 @@ class HttpClient:
         if json is not None and body is not None:
             raise ValueError("give a request either json or body, not both")
         if json is not None:
-            if isinstance(json, pydantic.BaseModel):
-                payload = json.model_dump_json(by_alias=True).encode()
-            else:
-                payload = pydantic_core.to_json(json, by_alias=True)
+            payload = encode_json(json)
             fields.append(("content-type", "application/json"))
         else:
             payload = body or b""

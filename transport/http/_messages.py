@@ -110,13 +110,17 @@ def json_response(
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     """A JSON response from a pydantic model, or from plain data that may hold models."""
-    if isinstance(content, pydantic.BaseModel):
-        body = content.model_dump_json(by_alias=True).encode()
-    else:
-        body = pydantic_core.to_json(content, by_alias=True)
     fields = [("content-type", "application/json")]
     fields += [(k.lower(), v) for k, v in (headers or {}).items()]
-    return Response(status, fields, body)
+    return Response(status, fields, encode_json(content))
+
+
+def encode_json(content: Any) -> bytes:
+    """Compact UTF-8 JSON of a pydantic model or of plain data that may hold models (by
+    field alias, as the API documents them)."""
+    if isinstance(content, pydantic.BaseModel):
+        return content.model_dump_json(by_alias=True).encode()
+    return pydantic_core.to_json(content, by_alias=True)
 
 
 def error_response(status: int, code: str, message: str) -> Response:
