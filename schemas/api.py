@@ -35,6 +35,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.audit import AuditEvent
+
 API_PREFIX = "/v1"
 BUNDLE_WAIT_DEFAULT_S = 30
 BUNDLE_WAIT_MAX_S = 60
@@ -221,7 +223,7 @@ class HeartbeatAck(ApiModel):
 
 
 class AuditBatch(ApiModel):
-    events: list[dict] = Field(max_length=10000)
+    events: list[AuditEvent] = Field(max_length=10000)
 
 
 class AuditAck(ApiModel):

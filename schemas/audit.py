@@ -1,0 +1,150 @@
+"""Audit events: what happened in each database session, typed, JSON on the wire.
+
+Agents emit them; the control plane stores them (deduplicated by `id`, hash-chained per day)
+and `tctl audit search` reads them. Every event names who (user, roles), where (db service,
+db name, db user, client address, agent) and when, and belongs to one session. Query events
+carry their outcome: the command tag and row count, or the error's SQLSTATE and message.
+COPY data is never recorded; bind parameters are, as text when they are text and as base64
+otherwise, truncated past a limit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SESSION_START = "db.session.start"
+SESSION_END = "db.session.end"
+QUERY = "db.session.query"
+PARSE = "db.session.postgres.statements.parse"
+BIND = "db.session.postgres.statements.bind"
+EXECUTE = "db.session.postgres.statements.execute"
+CLOSE = "db.session.postgres.statements.close"
+FUNCTION = "db.session.postgres.function"
+
+# Longest query text or parameter kept in an event; longer ones are cut and marked.
+MAX_TEXT = 64 * 1024
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Outcome(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["ok", "error"]
+    command_tag: str | None = None
+    rows: int | None = None
+    sqlstate: str | None = None
+    message: str | None = None
+
+
+class SessionContext(BaseModel):
+    """Who and where: the same for every event of a session."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cluster: str
+    session_id: str
+    user: str
+    roles: list[str] = Field(default_factory=list)
+    db_service: str
+    db_name: str
+    db_user: str
+    client_addr: str = ""
+    agent: str = ""
+
+
+class _Event(SessionContext):
+    id: str = Field(default_factory=new_event_id)
+    time: datetime = Field(default_factory=utcnow)
+
+
+class SessionStartEvent(_Event):
+    type: Literal["db.session.start"] = SESSION_START
+    success: bool
+    reason: str | None = Field(default=None, description="why the session was refused")
+
+
+class SessionEndEvent(_Event):
+    type: Literal["db.session.end"] = SESSION_END
+    duration_ms: int
+    bytes_from_client: int
+    bytes_from_server: int
+    reason: str = Field(default="client disconnected", description="why the session ended")
+
+
+class QueryEvent(_Event):
+    type: Literal["db.session.query"] = QUERY
+    query: str
+    truncated: bool = False
+    outcome: Outcome | None = None
+    # A simple-protocol query string may hold several statements: one outcome each.
+    outcomes: list[Outcome] = Field(default_factory=list)
+
+
+class ParseEvent(_Event):
+    type: Literal["db.session.postgres.statements.parse"] = PARSE
+    statement_name: str
+    query: str
+    truncated: bool = False
+    outcome: Outcome | None = None
+
+
+class BindEvent(_Event):
+    type: Literal["db.session.postgres.statements.bind"] = BIND
+    statement_name: str
+    portal_name: str
+    parameters: list[str | None] = Field(default_factory=list)
+    parameter_formats: list[Literal["text", "binary"]] = Field(default_factory=list)
+    outcome: Outcome | None = None
+
+
+class ExecuteEvent(_Event):
+    type: Literal["db.session.postgres.statements.execute"] = EXECUTE
+    portal_name: str
+    statement_name: str | None = None
+    query: str | None = None
+    parameters: list[str | None] = Field(default_factory=list)
+    outcome: Outcome | None = None
+
+
+class CloseEvent(_Event):
+    type: Literal["db.session.postgres.statements.close"] = CLOSE
+    target: Literal["statement", "portal"]
+    name: str
+
+
+class FunctionCallEvent(_Event):
+    type: Literal["db.session.postgres.function"] = FUNCTION
+    function_oid: int
+    arguments: list[str | None] = Field(default_factory=list)
+    outcome: Outcome | None = None
+
+
+AuditEvent = Annotated[
+    SessionStartEvent
+    | SessionEndEvent
+    | QueryEvent
+    | ParseEvent
+    | BindEvent
+    | ExecuteEvent
+    | CloseEvent
+    | FunctionCallEvent,
+    Field(discriminator="type"),
+]
+EVENT_ADAPTER: TypeAdapter[AuditEvent] = TypeAdapter(AuditEvent)
+
+
+def parse_event(data: bytes | str | dict) -> AuditEvent:
+    if isinstance(data, dict):
+        return EVENT_ADAPTER.validate_python(data)
+    return EVENT_ADAPTER.validate_json(data)
