@@ -173,7 +173,7 @@ def _finish(
     rev: str | None = None,
     commit: str | None = None,
 ) -> LintReport:
-    result = load_policy(files)
+    result = load_policy(files, unread=[p.path for p in read_problems])
     prefix = _display_prefix(path)
     problems = sorted([*read_problems, *result.problems], key=lambda p: p.sort_key)
     if prefix:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Union, get_args, get_origin
 
@@ -178,6 +178,8 @@ def _type_hint(value: Any, expected: str) -> str:
         )
     if expected == "expected text" and isinstance(value, int | float):
         return "; quote the value to keep it as text"
+    if expected == "expected text" and isinstance(value, list | dict):
+        return "; write a single value"
     if expected == "expected a list" and isinstance(value, str):
         return f"; write [{value}] for a list of one"
     if expected == "expected a mapping" and value is None:
@@ -359,6 +361,9 @@ class _State:
     # role name -> [(path, position, resource, index)] of users naming it
     role_refs: dict[str, list[tuple[str, Position, str, int]]] = field(default_factory=dict)
     role_decl: dict[str, _Declared] = field(default_factory=dict)
+    # Kinds with a file that could not be read whole: names of that kind may be missing,
+    # so "does not exist" and "no user has" would be guesses.
+    unreadable: set[str] = field(default_factory=set)
 
 
 def _resource_label(kind: str, value: dict[str, Any]) -> tuple[str, str | None]:
@@ -391,6 +396,8 @@ def _document(state: _State, path: str, folder_kind: str, doc: Document) -> None
     kind = declared_kind if isinstance(declared_kind, str) and declared_kind in KINDS else None
     resource, name = _resource_label(kind or folder_kind, value)
     if kind is None:
+        if name is not None:  # it was meant to be one: users naming it are not wrong too
+            state.declared.setdefault((folder_kind, name), _Declared(path, doc.start, resource))
         pos = doc.value_position(("kind",)) or doc.start
         if isinstance(declared_kind, str):
             shown = repr(_shorten(declared_kind))
@@ -491,7 +498,7 @@ def _document(state: _State, path: str, folder_kind: str, doc: Document) -> None
 
 def _cross_checks(state: _State, cluster_files: list[str]) -> None:
     add = state.problems.append
-    if not cluster_files:
+    if not cluster_files and "cluster" not in state.unreadable:
         add(
             Problem(
                 "cluster.yaml",
@@ -554,7 +561,7 @@ def _cross_checks(state: _State, cluster_files: list[str]) -> None:
     role_names = sorted(name for kind, name in state.declared if kind == "role")
     known = set(role_names)
     for role, refs in state.role_refs.items():
-        if role in known:
+        if role in known or "role" in state.unreadable:
             continue
         close = difflib.get_close_matches(role, role_names, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}?" if close else "add it in roles/"
@@ -572,7 +579,7 @@ def _cross_checks(state: _State, cluster_files: list[str]) -> None:
                 )
             )
     for name, decl in state.role_decl.items():
-        if name not in state.role_refs:
+        if name not in state.role_refs and "user" not in state.unreadable:
             add(
                 Problem(
                     decl.path,
@@ -587,9 +594,22 @@ def _cross_checks(state: _State, cluster_files: list[str]) -> None:
             )
 
 
-def load_policy(files: Mapping[str, bytes]) -> LoadResult:
-    """Validate a policy repository given as `{relative path: bytes}`."""
+# YAML problems after which every document of the file was still read.
+_KEEPS_DOCUMENTS = {"yaml-duplicate-key", "yaml-key"}
+
+
+def load_policy(files: Mapping[str, bytes], unread: Iterable[str] = ()) -> LoadResult:
+    """Validate a policy repository given as `{relative path: bytes}`.
+
+    `unread` names policy files the caller could not read (too large, symbolic links; the
+    caller reports those): names they may define are unknown, so no "does not exist" or
+    "no user has" problem is raised for their kind.
+    """
     state = _State()
+    for path in unread:
+        kind = policy_kind(path) or FOLDERS.get(path.split("/", 1)[0])
+        if kind is not None:
+            state.unreadable.add(kind)
     cluster_files: list[str] = []
     count = 0
     for path in sorted(files):
@@ -602,9 +622,12 @@ def load_policy(files: Mapping[str, bytes]) -> LoadResult:
             cluster_files.append(path)
         if len(data) > MAX_FILE_BYTES:
             state.problems.append(too_large(path, len(data)))
+            state.unreadable.add(folder_kind)
             continue
         parsed = parse_yaml(data, path)
         state.problems.extend(parsed.problems)
+        if any(p.rule not in _KEEPS_DOCUMENTS for p in parsed.problems):
+            state.unreadable.add(folder_kind)
         if not parsed.documents and not parsed.problems:
             state.problems.append(
                 Problem(

@@ -75,8 +75,19 @@ def _check_duration(value: str) -> str:
     return value
 
 
+def _duration_input(value: Any) -> Any:
+    """YAML reads `ttl: 12` as a number: say which unit is missing, not "expected text"."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise PolicyValueError(
+            f"duration {value} has no unit; write e.g. {value}s, {value}m or {value}h",
+            rule="invalid-duration",
+        )
+    return value
+
+
 Duration = Annotated[
     str,
+    BeforeValidator(_duration_input),
     AfterValidator(_check_duration),
     Field(
         description="A duration such as 30m, 12h or 1h30m (units: s, m, h).",

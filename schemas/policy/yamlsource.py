@@ -163,20 +163,36 @@ def _nesting_bound(text: str) -> int:
 
 
 _HINTS = {
-    "found character '\\t' that cannot start any token": "indent with spaces, not tabs",
-    "found a tab character that violates indentation": "indent with spaces, not tabs",
-    "mapping values are not allowed here": "is there a ':' in an unquoted value? quote the "
+    "found a tab character": "indent with spaces, not tabs",
+    "mapping values are not allowed": "is there a ': ' inside an unquoted value? quote the "
     "value, or check the indentation",
-    "found undefined alias": "define the anchor (&name) before using it (*name)",
+    "found undefined alias": "define the anchor (&name) in the same document before "
+    "using it (*name)",
+    "found duplicate anchor": "give each anchor (&name) its own name",
 }
 
 
-def _syntax_problem(path: str, exc: yaml.YAMLError) -> Problem:
+def _char_at(text: str, line: int, column: int) -> str:
+    lines = text.split("\n", line + 1)
+    if line < len(lines) and column < len(lines[line]):
+        return lines[line][column]
+    return ""
+
+
+def _syntax_problem(path: str, text: str, exc: yaml.YAMLError) -> Problem:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         problem = exc.problem or "invalid YAML"
-        message = problem
         hint = next((h for start, h in _HINTS.items() if problem.startswith(start)), None)
+        if "that cannot start any token" in problem:
+            # libyaml does not name the character; the pure-Python scanner does.
+            char = _char_at(text, mark.line, mark.column)
+            if char == "\t":
+                problem, hint = "found a tab character", "indent with spaces, not tabs"
+            elif char:
+                problem = f"found character {char!r} that cannot start any token"
+                hint = "quote the value"
+        message = problem
         if (
             exc.context
             and exc.context_mark is not None
@@ -195,8 +211,9 @@ def _syntax_problem(path: str, exc: yaml.YAMLError) -> Problem:
 class _Builder:
     """Builds one document's plain value from its node tree, recording positions."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, root: Node) -> None:
         self.path = path
+        self.root = root
         self.marks: dict[Path, tuple[int, int, int, int]] = {}
         self.problems: list[Problem] = []
         self.budget = MAX_NODES
@@ -211,7 +228,7 @@ class _Builder:
         self.budget -= 1
         if self.budget < 0:
             raise self.fail(
-                node,
+                self.root,
                 f"this document expands to more than {MAX_NODES} values (aliases included); "
                 "split it or use fewer aliases",
                 "yaml-alias",
@@ -354,7 +371,7 @@ def parse_yaml(data: bytes | str, path: str) -> YamlFile:
             index += 1
             if isinstance(node, ScalarNode) and node.tag == _NULL:
                 continue  # an empty document
-            builder = _Builder(path)
+            builder = _Builder(path, node)
             start = (node.start_mark.line + 1, node.start_mark.column + 1)
             try:
                 value = builder.build(node, (), start, 0)
@@ -365,7 +382,7 @@ def parse_yaml(data: bytes | str, path: str) -> YamlFile:
             problems.extend(builder.problems)
             documents.append(Document(value, this, Position(*start), builder.marks))
     except yaml.YAMLError as exc:
-        problems.append(_syntax_problem(path, exc))
+        problems.append(_syntax_problem(path, text, exc))
     except RecursionError:
         problems.append(
             _problem(
