@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from transport import tls
-from transport.http import Handler, HttpServer, ServerLimits
+from transport.http import Handler, HttpServer, Request, Response, ServerLimits
 
 #: Small limits so that every timeout in the tests fires quickly.
 FAST = ServerLimits(header_timeout=0.5, body_timeout=0.5, keepalive_timeout=0.5,
@@ -63,6 +63,15 @@ class Serving:
     def url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
 
+    async def exchange(self, data: bytes, timeout: float = 2.0) -> bytes:
+        """Send raw bytes on a new connection; everything the server sends until it closes."""
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(data)
+            return await read_all(reader, timeout)
+        finally:
+            writer.close()
+
 
 @contextlib.asynccontextmanager
 async def serving(handler: Handler, limits: ServerLimits = FAST,
@@ -73,6 +82,24 @@ async def serving(handler: Handler, limits: ServerLimits = FAST,
         yield Serving(server, host, port, "https" if ssl_context else "http")
     finally:
         await server.close()
+
+
+class Parked:
+    """A handler that waits forever (a long poll with nothing new) and records whether it
+    was entered and cancelled."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def __call__(self, request: Request) -> Response:
+        self.entered.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        raise AssertionError("a parked handler is only ever cancelled")
 
 
 # --- raw clients ------------------------------------------------------------------------

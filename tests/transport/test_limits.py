@@ -37,10 +37,9 @@ def error_of(data: bytes) -> tuple[int, dict[str, str]]:
 def test_a_declared_body_over_the_limit_is_413_before_it_is_sent(run: Runner) -> None:
     async def scenario() -> None:
         async with serving(echo) as s:
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            writer.write(b"POST /v1/join HTTP/1.1\r\nhost: x\r\ncontent-length: 10485760\r\n\r\n")
-            answer = await read_all(reader, timeout=2)  # no body sent: the server answers
-            writer.close()
+            # No body is sent: the server answers at once.
+            answer = await s.exchange(
+                b"POST /v1/join HTTP/1.1\r\nhost: x\r\ncontent-length: 10485760\r\n\r\n")
             status, error = error_of(answer)
             assert status == 413
             assert error["code"] == "body_too_large"
@@ -77,11 +76,9 @@ def test_a_chunked_body_growing_past_the_limit_is_413(run: Runner) -> None:
             assert status == 413
             assert "limit of 1000 bytes" in error["message"]
 
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            writer.write(b"POST /ok HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
-                         b"connection: close\r\n\r\n3e8\r\n" + b"z" * 1000 + b"\r\n0\r\n\r\n")
-            [(head, body)] = parse_responses(await read_all(reader))
-            writer.close()
+            [(head, body)] = parse_responses(await s.exchange(
+                b"POST /ok HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+                b"connection: close\r\n\r\n3e8\r\n" + b"z" * 1000 + b"\r\n0\r\n\r\n"))
             assert head.status_code == 200
             assert json.loads(body)["size"] == 1000
 
@@ -105,10 +102,8 @@ def test_a_header_block_over_the_limit_is_431(run: Runner) -> None:
             assert "limit of 4096 bytes" in error["message"]
 
             # A head that arrives whole in one read is measured too.
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"b" * 5000 + b"\r\n\r\n")
-            status, _ = error_of(await read_all(reader, timeout=2))
-            writer.close()
+            status, _ = error_of(await s.exchange(
+                b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"b" * 5000 + b"\r\n\r\n"))
             assert status == 431
             await still_serving(s.url)
 
@@ -147,9 +142,7 @@ def test_a_head_sent_one_byte_at_a_time_is_cut_off_and_others_are_served(run: Ru
 def test_a_connection_that_says_nothing_is_closed_without_an_answer(run: Runner) -> None:
     async def scenario() -> None:
         async with serving(echo) as s:
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            assert await read_all(reader, timeout=FAST.header_timeout + 1.0) == b""
-            writer.close()
+            assert await s.exchange(b"", timeout=FAST.header_timeout + 1.0) == b""
 
     run(scenario())
 
@@ -157,10 +150,9 @@ def test_a_connection_that_says_nothing_is_closed_without_an_answer(run: Runner)
 def test_a_body_that_stalls_is_408(run: Runner) -> None:
     async def scenario() -> None:
         async with serving(echo) as s:
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nonly-this")
-            answer = await read_all(reader, timeout=FAST.body_timeout + 1.0)
-            writer.close()
+            answer = await s.exchange(
+                b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nonly-this",
+                timeout=FAST.body_timeout + 1.0)
             status, error = error_of(answer)
             assert status == 408
             assert "request body did not arrive within 0.5s" in error["message"]
@@ -171,11 +163,9 @@ def test_a_body_that_stalls_is_408(run: Runner) -> None:
 def test_an_idle_keep_alive_connection_is_closed(run: Runner) -> None:
     async def scenario() -> None:
         async with serving(echo) as s:
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            writer.write(b"GET /once HTTP/1.1\r\nhost: x\r\n\r\n")
             # One answer, then (keep-alive, idle) the server closes after keepalive_timeout.
-            data = await read_all(reader, timeout=FAST.keepalive_timeout + 1.0)
-            writer.close()
+            data = await s.exchange(b"GET /once HTTP/1.1\r\nhost: x\r\n\r\n",
+                                    timeout=FAST.keepalive_timeout + 1.0)
             assert status_line(data) == b"HTTP/1.1 200 OK"
             assert len(parse_responses(data)) == 1
             await eventually(lambda: s.server.connection_count == 0)
@@ -193,10 +183,7 @@ def test_connections_over_the_maximum_get_503_until_one_closes(run: Runner) -> N
                 assert (await client.request("GET", "/held")).status == 200
             assert s.server.connection_count == 2
 
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            status, error = error_of(await read_all(reader, timeout=2))
-            writer.close()
+            status, error = error_of(await s.exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
             assert status == 503
             assert error["code"] == "server_busy"
 
@@ -215,16 +202,13 @@ def test_malformed_http_is_400_naming_the_problem(run: Runner) -> None:
         b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n": 400,
         b"GET / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\n": 501,
         b"GET / HTTP/1.1\r\nhost: x\r\nbad header\r\n\r\n": 400,
-        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03": 400,  # a TLS ClientHello
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n": 400,  # TLS, not HTTP
     }
 
     async def scenario() -> None:
         async with serving(echo) as s:
             for request, expected in cases.items():
-                reader, writer = await asyncio.open_connection(s.host, s.port)
-                writer.write(request + b"\r\n\r\n" * (b"\x16" in request))
-                status, error = error_of(await read_all(reader, timeout=2))
-                writer.close()
+                status, error = error_of(await s.exchange(request))
                 assert status == expected, request
                 assert error["code"] == "bad_http"
                 assert error["message"].startswith("malformed HTTP request: ")

@@ -12,6 +12,7 @@ import pytest
 
 from tests.transport.conftest import (
     FAST,
+    Parked,
     Runner,
     eventually,
     parse_responses,
@@ -195,11 +196,9 @@ def test_a_handler_returning_an_invalid_response_is_500(run: Runner) -> None:
 def test_head_sends_headers_only_and_the_connection_stays_usable(run: Runner) -> None:
     async def scenario() -> None:
         async with serving(api) as s:
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            writer.write(b"HEAD /v1/echo HTTP/1.1\r\nhost: x\r\n\r\n"
-                         b"GET /v1/echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            data = await read_all(reader)
-            writer.close()
+            data = await s.exchange(
+                b"HEAD /v1/echo HTTP/1.1\r\nhost: x\r\n\r\n"
+                b"GET /v1/echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             (head, head_body), (get, get_body) = parse_responses(data, [b"HEAD", b"GET"])
             assert head.status_code == get.status_code == 200
             assert head_body == b""
@@ -213,10 +212,9 @@ def test_head_sends_headers_only_and_the_connection_stays_usable(run: Runner) ->
 def test_connection_close_is_honoured(run: Runner) -> None:
     async def scenario() -> None:
         async with serving(api) as s:
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            writer.write(b"GET /v1/echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            data = await read_all(reader, timeout=2)  # returns because the server closed
-            writer.close()
+            # Returns only because the server closes.
+            data = await s.exchange(
+                b"GET /v1/echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             [(head, _)] = parse_responses(data)
             assert (b"connection", b"close") in head.headers
 
@@ -226,12 +224,10 @@ def test_connection_close_is_honoured(run: Runner) -> None:
 def test_chunked_request_body_is_joined_for_the_handler(run: Runner) -> None:
     async def scenario() -> None:
         async with serving(api) as s:
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            writer.write(b"POST /v1/raw HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
-                         b"connection: close\r\n\r\n"
-                         b"5\r\n{\"a\":\r\n3\r\n 1}\r\n0\r\n\r\n")
-            [(head, body)] = parse_responses(await read_all(reader))
-            writer.close()
+            [(head, body)] = parse_responses(await s.exchange(
+                b"POST /v1/raw HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+                b"connection: close\r\n\r\n"
+                b"5\r\n{\"a\":\r\n3\r\n 1}\r\n0\r\n\r\n"))
             assert head.status_code == 200
             assert body == b'{"body":"{\\"a\\": 1}","json":{"a":1}}'
 
@@ -262,11 +258,10 @@ def test_pipelined_requests_are_answered_in_order(run: Runner) -> None:
 
     async def scenario() -> None:
         async with serving(slow_first) as s:
-            reader, writer = await asyncio.open_connection(s.host, s.port)
-            writer.write(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n"
-                         b"GET /fast HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            answers = parse_responses(await read_all(reader), [b"GET", b"GET"])
-            writer.close()
+            answers = parse_responses(await s.exchange(
+                b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n"
+                b"GET /fast HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+                [b"GET", b"GET"])
             assert [body for _, body in answers] == [b'{"path":"/slow"}', b'{"path":"/fast"}']
 
     run(scenario())
@@ -296,23 +291,13 @@ def test_a_long_poll_does_not_block_other_connections(run: Runner) -> None:
 
 def test_a_client_that_disconnects_cancels_its_long_poll(run: Runner) -> None:
     async def scenario() -> None:
-        entered, cancelled = asyncio.Event(), asyncio.Event()
-
-        async def handler(request: Request) -> Response:
-            entered.set()
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-            return json_response({})
-
-        async with serving(handler) as s:
+        parked = Parked()
+        async with serving(parked) as s:
             _, writer = await asyncio.open_connection(s.host, s.port)
             writer.write(b"GET /v1/bundle?serial=3 HTTP/1.1\r\nhost: x\r\n\r\n")
-            await asyncio.wait_for(entered.wait(), 2)
+            await asyncio.wait_for(parked.entered.wait(), 2)
             writer.close()
-            await asyncio.wait_for(cancelled.wait(), 2)
+            await asyncio.wait_for(parked.cancelled.wait(), 2)
             await eventually(lambda: s.server.connection_count == 0)
 
     run(scenario())
@@ -364,22 +349,13 @@ def test_long_poll_with_etag(run: Runner) -> None:
 
 def test_closing_the_server_cancels_running_handlers(run: Runner) -> None:
     async def scenario() -> None:
-        cancelled = asyncio.Event()
-
-        async def handler(request: Request) -> Response:
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-            return json_response({})
-
-        async with serving(handler) as s:
+        parked = Parked()
+        async with serving(parked) as s:
             reader, writer = await asyncio.open_connection(s.host, s.port)
             writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(parked.entered.wait(), 2)
             await s.server.close()
-            assert cancelled.is_set()
+            assert parked.cancelled.is_set()
             assert await read_all(reader) == b""
             writer.close()
 

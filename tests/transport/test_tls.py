@@ -11,7 +11,7 @@ import ssl
 
 import pytest
 
-from tests.transport.conftest import Pki, Runner, eventually, serving
+from tests.transport.conftest import Parked, Pki, Runner, eventually, serving
 from transport.http import (
     HttpClient,
     HttpProtocolError,
@@ -134,6 +134,25 @@ def test_https_to_a_plain_server_and_http_to_a_tls_server(run: Runner, pki: Pki)
     run(scenario())
 
 
+class OtherListener:
+    """A listening socket that is not the HttpServer's (the proxy's web port), with the
+    server the accepted connections are handed to."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.server = HttpServer(whoami)
+
+    async def accept(self) -> socket.socket:
+        sock, _ = await asyncio.get_running_loop().sock_accept(self.sock)
+        return sock
+
+    async def close(self) -> None:
+        await self.server.close()
+        self.sock.close()
+
+
 async def _peek(sock: socket.socket, size: int) -> bytes:
     """What the proxy does: look at the first bytes without consuming them."""
     loop = asyncio.get_running_loop()
@@ -150,79 +169,58 @@ async def _peek(sock: socket.socket, size: int) -> bytes:
 def test_accept_socket_serves_a_connection_accepted_and_peeked_elsewhere(
         run: Runner, pki: Pki, tls: bool) -> None:
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        server = HttpServer(whoami)
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        port = listener.getsockname()[1]
-        scheme = "https" if tls else "http"
-        client = HttpClient(f"{scheme}://127.0.0.1:{port}",
+        other = OtherListener()
+        client = HttpClient(host="127.0.0.1", port=other.port,
                             ssl_context=pki.client_context(identity=pki.client) if tls else None)
         try:
             answer = asyncio.create_task(client.request("GET", "/v1/handed-over"))
-            sock, _ = await loop.sock_accept(listener)
+            sock = await other.accept()
             first = await _peek(sock, 5)
             assert (first[0] == 0x16) is tls  # a TLS handshake record, or "GET /"
             ctx = pki.server_context(ssl.CERT_REQUIRED) if tls else None
-            await server.accept_socket(sock, ssl=ctx)
+            await other.server.accept_socket(sock, ssl=ctx)
             got = (await answer).json()
             assert got["path"] == "/v1/handed-over"
             expected = hashlib.sha256(pki.client.der).hexdigest() if tls else None
             assert got["cert_sha256"] == expected
         finally:
             await client.aclose()
-            await server.close()
-            listener.close()
+            await other.close()
 
     run(scenario())
 
 
 def test_accept_socket_with_a_failed_handshake_closes_the_socket(run: Runner, pki: Pki) -> None:
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        server = HttpServer(whoami)
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        port = listener.getsockname()[1]
-        client = HttpClient(f"https://127.0.0.1:{port}",
+        other = OtherListener()
+        client = HttpClient(host="127.0.0.1", port=other.port,
                             ssl_context=pki.client_context(trust=pki.other_ca))
         try:
             answer = asyncio.create_task(client.request("GET", "/"))
-            sock, _ = await loop.sock_accept(listener)
-            await server.accept_socket(sock, ssl=pki.server_context())  # does not raise
+            sock = await other.accept()
+            await other.server.accept_socket(sock, ssl=pki.server_context())  # no exception
             with pytest.raises(HttpTlsError):
                 await answer
             await eventually(lambda: sock.fileno() == -1)
-            assert server.connection_count == 0
+            assert other.server.connection_count == 0
         finally:
             await client.aclose()
-            await server.close()
-            listener.close()
+            await other.close()
 
     run(scenario())
 
 
 def test_a_tls_client_that_disconnects_cancels_its_long_poll(run: Runner, pki: Pki) -> None:
     async def scenario() -> None:
-        entered, cancelled = asyncio.Event(), asyncio.Event()
-
-        async def handler(request: Request) -> Response:
-            entered.set()
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-            return json_response({})
-
-        async with serving(handler, ssl_context=pki.server_context()) as s:
+        parked = Parked()
+        async with serving(parked, ssl_context=pki.server_context()) as s:
             client = HttpClient(s.url, ssl_context=pki.client_context())
             poll = asyncio.create_task(client.request("GET", "/v1/bundle", timeout=30))
-            await asyncio.wait_for(entered.wait(), 2)
+            await asyncio.wait_for(parked.entered.wait(), 2)
             poll.cancel()  # the caller gives up: the client drops its connection
             with contextlib.suppress(asyncio.CancelledError):
                 await poll
-            await asyncio.wait_for(cancelled.wait(), 2)
+            await asyncio.wait_for(parked.cancelled.wait(), 2)
             await eventually(lambda: s.server.connection_count == 0)
             await client.aclose()
 

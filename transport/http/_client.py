@@ -27,10 +27,10 @@ import pydantic_core
 
 from transport.http._headers import Headers, head_size
 from transport.http._messages import ApiError, encode_json, format_location, parse_json_body
+from transport.http._streams import READ_CHUNK, close_stream
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
-_READ_CHUNK = 64 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _USER_AGENT = "teleport-db"
 
@@ -311,7 +311,7 @@ class HttpClient:
                 raise self._protocol_error(exc, url) from None
             if event is h11.NEED_DATA:
                 try:
-                    chunk = await conn.reader.read(_READ_CHUNK)
+                    chunk = await conn.reader.read(READ_CHUNK)
                 except ssl.SSLError as exc:
                     raise self._tls_error(exc) from None
                 except OSError:
@@ -347,7 +347,7 @@ class HttpClient:
                      "server_hostname": self.server_hostname or self.host}
         try:
             reader, writer = await asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl_context, limit=_READ_CHUNK, **extra)
+                self.host, self.port, ssl=self.ssl_context, limit=READ_CHUNK, **extra)
         except ssl.SSLError as exc:
             raise self._tls_error(exc) from None
         except ConnectionRefusedError:
@@ -436,12 +436,7 @@ class _ClientConnection:
                 and not self.writer.is_closing() and self.h11.our_state is h11.IDLE)
 
     async def close(self) -> None:
-        self.writer.close()
-        try:
-            async with asyncio.timeout(1.0):
-                await self.writer.wait_closed()
-        except (OSError, TimeoutError):
-            self.writer.transport.abort()
+        await close_stream(self.writer)
 
 
 def _os_reason(exc: OSError) -> str:

@@ -38,12 +38,12 @@ from transport.http._messages import (
     error_response,
     split_target,
 )
+from transport.http._streams import READ_CHUNK, close_stream
 
 logger = logging.getLogger("transport.http")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-_READ_CHUNK = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -96,7 +96,7 @@ class HttpServer:
         """Listen on `host:port` (port 0 picks a free one); returns the bound address."""
         extra = {"ssl_handshake_timeout": self.limits.header_timeout} if ssl else {}
         listener = await asyncio.start_server(
-            self._on_connection, host, port, ssl=ssl, backlog=backlog, limit=_READ_CHUNK,
+            self._on_connection, host, port, ssl=ssl, backlog=backlog, limit=READ_CHUNK,
             **extra,
         )
         self._listeners.append(listener)
@@ -115,7 +115,7 @@ class HttpServer:
         sock.setblocking(False)
 
         def protocol() -> asyncio.StreamReaderProtocol:
-            reader = asyncio.StreamReader(limit=_READ_CHUNK, loop=loop)
+            reader = asyncio.StreamReader(limit=READ_CHUNK, loop=loop)
             return asyncio.StreamReaderProtocol(reader, self._on_connection, loop=loop)
 
         extra = {"ssl_handshake_timeout": self.limits.header_timeout} if ssl else {}
@@ -327,7 +327,7 @@ class _ServerConnection:
         timeout = asyncio.timeout_at(deadline)
         try:
             async with timeout:
-                return await self.reader.read(_READ_CHUNK)
+                return await self.reader.read(READ_CHUNK)
         except TimeoutError:
             if timeout.expired():
                 raise _Timeout from None
@@ -375,7 +375,7 @@ class _ServerConnection:
         kept = 0
         while kept <= self.limits.max_header_bytes:
             try:
-                data = await self.reader.read(_READ_CHUNK)
+                data = await self.reader.read(READ_CHUNK)
             except OSError:
                 return
             if not data:
@@ -435,12 +435,7 @@ class _ServerConnection:
     async def close(self) -> None:
         if self.linger:
             await self._linger()
-        self.writer.close()
-        try:
-            async with asyncio.timeout(1.0):
-                await self.writer.wait_closed()
-        except (OSError, TimeoutError):
-            self.writer.transport.abort()
+        await close_stream(self.writer)
 
     async def _linger(self) -> None:
         with contextlib.suppress(OSError, RuntimeError):
@@ -448,7 +443,7 @@ class _ServerConnection:
                 self.writer.write_eof()
         try:
             async with asyncio.timeout(self.limits.linger_timeout):
-                while await self.reader.read(_READ_CHUNK):
+                while await self.reader.read(READ_CHUNK):
                     pass
         except (OSError, TimeoutError):
             pass
