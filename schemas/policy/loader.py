@@ -498,20 +498,22 @@ def _document(state: _State, path: str, folder_kind: str, doc: Document) -> None
 
 def _cross_checks(state: _State, cluster_files: list[str]) -> None:
     add = state.problems.append
-    if not cluster_files and "cluster" not in state.unreadable:
-        add(
-            Problem(
-                "cluster.yaml",
-                0,
-                0,
-                "error",
-                "",
-                "",
-                "the repository has no cluster.yaml: add one at its root (kind: cluster, "
-                "version: v1, metadata.name: the cluster's name)",
-                "cluster-missing",
+    if not cluster_files:
+        # An unread cluster file (too large, a link) was reported by the reader.
+        if "cluster" not in state.unreadable:
+            add(
+                Problem(
+                    "cluster.yaml",
+                    0,
+                    0,
+                    "error",
+                    "",
+                    "",
+                    "the repository has no cluster.yaml: add one at its root (kind: cluster, "
+                    "version: v1, metadata.name: the cluster's name)",
+                    "cluster-missing",
+                )
             )
-        )
     elif len(cluster_files) > 1:
         add(
             Problem(
@@ -628,7 +630,7 @@ def load_policy(files: Mapping[str, bytes], unread: Iterable[str] = ()) -> LoadR
         state.problems.extend(parsed.problems)
         if any(p.rule not in _KEEPS_DOCUMENTS for p in parsed.problems):
             state.unreadable.add(folder_kind)
-        if not parsed.documents and not parsed.problems:
+        if not parsed.documents and not parsed.problems and folder_kind != "cluster":
             state.problems.append(
                 Problem(
                     path,

@@ -336,10 +336,12 @@ class _Builder:
                 return self.scalars.construct_yaml_int(node)
             if tag == _FLOAT:
                 return self.scalars.construct_yaml_float(node)
-        except (ValueError, KeyError, OverflowError) as exc:
+        except (ValueError, KeyError, OverflowError):
+            shown = node.value if len(node.value) <= 40 else node.value[:37] + "..."
             raise self.fail(
                 node,
-                f"cannot read {node.value!r} as a {tag.rsplit(':', 1)[-1]}: {exc}",
+                f"cannot read {shown!r} as a {tag.rsplit(':', 1)[-1]} (too large?); "
+                "quote it if it is meant as text",
                 "yaml-syntax",
             ) from None
         raise self.fail(node, self.tag_message(tag), "yaml-tag")
