@@ -6,8 +6,9 @@ Public face:
   CancelRequest, StartupMessage).
 - `MessageDecoder(side)`: typed messages sent by `side` (FRONTEND: a client's messages, as a
   server reads them; BACKEND: a server's messages, as a client reads them).
-  `receive_data(data)` then `next_message()` until it returns None; `receive_data(b"")`
-  says the peer closed the connection.
+  `receive_data(data)` then `next_message()` until it returns None; `receive_eof()` says
+  the peer closed the connection (an empty `receive_data(b"")` is a no-op, so handing over
+  an empty `take_unprocessed()` cannot end a stream by accident).
 - `decode_body(side, type_code, payload)`: one message from its type byte and payload, for
   callers that found the boundaries themselves (the relay's `MessageScanner`).
 
@@ -661,20 +662,23 @@ class MessageDecoder:
         return self._eof and not self._buf
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes from the peer; b"" means the peer closed the connection."""
+        """Feed bytes from the peer (empty data is ignored; see `receive_eof`)."""
         if self._error is not None:
             raise self._error
         if not data:
-            self._eof = True
             return
         if self._eof:
-            raise LocalProtocolError("receive_data() called after the end of the stream (b'')")
+            raise LocalProtocolError("receive_data() called after receive_eof()")
         if len(self._buf) > self.max_message_size + 5:
             raise LocalProtocolError(
                 "the decoder already holds more than one maximum-size message; call "
                 "next_message() until it returns None before feeding more data"
             )
         self._buf += data
+
+    def receive_eof(self) -> None:
+        """The peer closed the connection: a message cut short is now an error."""
+        self._eof = True
 
     def next_message(self) -> m.FrontendMessage | m.BackendMessage | None:
         """The next complete message, or None when more data is needed (or the stream ended)."""
@@ -750,23 +754,26 @@ class StartupDecoder:
         return self._finished
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes from the client; b"" means the client closed the connection."""
+        """Feed bytes from the client (empty data is ignored; see `receive_eof`)."""
         if self._error is not None:
             raise self._error
         if not data:
-            self._eof = True
             return
         if self._finished:
             raise LocalProtocolError(
                 "startup is finished; feed further data to a MessageDecoder(FRONTEND)"
             )
         if self._eof:
-            raise LocalProtocolError("receive_data() called after the end of the stream (b'')")
+            raise LocalProtocolError("receive_data() called after receive_eof()")
         if len(self._buf) > self.max_startup_size:
             raise LocalProtocolError(
                 "the decoder already holds a full startup packet; call next_message() first"
             )
         self._buf += data
+
+    def receive_eof(self) -> None:
+        """The peer closed the connection: a message cut short is now an error."""
+        self._eof = True
 
     def take_unprocessed(self) -> bytes:
         """Bytes received after the last packet returned (hand them to the next decoder)."""
