@@ -32,6 +32,7 @@ DEFAULT_MAX_PAYLOAD = 64 * 1024
 _LENGTH = struct.Struct("!i")
 _SKIP, _REPORT, _CAPTURE = 0, 1, 2
 _TYPE_BYTES = tuple(bytes([i]) for i in range(256))
+_new = tuple.__new__  # builds a ScannedMessage without NamedTuple's slower Python-level __new__
 
 
 class ScannedMessage(NamedTuple):
@@ -113,20 +114,63 @@ class MessageScanner:
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> list[ScannedMessage]:
         """Walk one chunk; return the captured and reported messages that end in it."""
-        if self._error is not None:
-            raise self._error
         out: list[ScannedMessage] = []
         n = len(chunk)
+        pos = 0
+        if self._remaining or self._header or self._error is not None:
+            if self._error is not None:
+                raise self._error
+            pos = self._resume(chunk, n, out)
+            if pos >= n:
+                return out
+        # The hot loop: whole messages inside this chunk; skipped ones cost a header read.
+        modes = self._modes
+        limit = self._max_message_size
+        max_payload = self._max_payload
+        unpack = _LENGTH.unpack_from
+        append = out.append
+        while pos + 5 <= n:
+            code = chunk[pos]
+            (length,) = unpack(chunk, pos + 1)
+            if length < 4 or length > limit:
+                self._check(code, length)
+            end = pos + 1 + length
+            if end > n:
+                self._begin(code, length, chunk, pos + 5, n, out)
+                return out
+            mode = modes[code]
+            if mode:
+                if mode == _CAPTURE:
+                    stop = pos + 5 + max_payload
+                    if stop > end:  # noqa: PLR1730 (faster than min() in the hot loop)
+                        stop = end
+                    append(
+                        _new(
+                            ScannedMessage,
+                            (_TYPE_BYTES[code], bytes(chunk[pos + 5 : stop]), length - 4),
+                        )
+                    )
+                else:
+                    append(_new(ScannedMessage, (_TYPE_BYTES[code], None, length - 4)))
+            pos = end
+        if pos < n:
+            self._header += chunk[pos:n]
+        return out
+
+    def _resume(
+        self, chunk: bytes | bytearray | memoryview, n: int, out: list[ScannedMessage]
+    ) -> int:
+        """Finish the message or header left open by the last chunk; return where we are."""
         pos = 0
         if self._remaining:
             pos = self._continue(chunk, 0, n, out)
             if self._remaining:
-                return out
+                return n
         if self._header:
             need = 5 - len(self._header)
             if n - pos < need:
                 self._header += chunk[pos:n]
-                return out
+                return n
             self._header += chunk[pos : pos + need]
             pos += need
             code = self._header[0]
@@ -135,38 +179,12 @@ class MessageScanner:
             self._check(code, length)
             pos = self._begin(code, length, chunk, pos, n, out)
             if self._remaining:
-                return out
-
-        modes = self._modes
-        limit = self._max_message_size
-        unpack = _LENGTH.unpack_from
-        while pos + 5 <= n:
-            code = chunk[pos]
-            (length,) = unpack(chunk, pos + 1)
-            if length < 4 or length > limit:
-                self._check(code, length)
-            end = pos + 1 + length
-            if end <= n:
-                mode = modes[code]
-                if mode:
-                    if mode == _CAPTURE:
-                        stop = min(end, pos + 5 + self._max_payload)
-                        out.append(
-                            ScannedMessage(
-                                _TYPE_BYTES[code], bytes(chunk[pos + 5 : stop]), length - 4
-                            )
-                        )
-                    else:
-                        out.append(ScannedMessage(_TYPE_BYTES[code], None, length - 4))
-                pos = end
-            else:
-                pos = self._begin(code, length, chunk, pos + 5, n, out)
-                return out
-        if pos < n:
-            self._header += chunk[pos:n]
-        return out
+                return n
+        return pos
 
     def _check(self, code: int, length: int) -> None:
+        if 4 <= length <= self._max_message_size:
+            return
         if length < 4:
             self._error = RemoteProtocolError(
                 f"message {_TYPE_BYTES[code]!r} from the {self.side} has length {length}; "
