@@ -168,6 +168,10 @@ class SASLInitialResponse:
     mechanism: str
     data: bytes | None = None
 
+    def __repr__(self) -> str:  # SASL data with the server's messages allows offline guessing
+        size = "None" if self.data is None else f"<{len(self.data)} bytes>"
+        return f"SASLInitialResponse(mechanism={self.mechanism!r}, data={size})"
+
 
 @dataclass(frozen=True, slots=True)
 class SASLResponse:
@@ -175,6 +179,9 @@ class SASLResponse:
 
     type_code: ClassVar[bytes | None] = b"p"
     data: bytes
+
+    def __repr__(self) -> str:  # a SCRAM client proof allows offline password guessing
+        return f"SASLResponse(data=<{len(self.data)} bytes>)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -217,8 +217,11 @@ def test_error_and_notice_fields_are_readable_by_name() -> None:
     assert (notice.severity, notice.sqlstate, notice.detail) == ("NOTICE", None, None)
 
 
-def test_password_message_repr_hides_the_password() -> None:
+def test_reprs_of_password_and_sasl_messages_hide_their_secrets() -> None:
     assert "hunter2" not in repr(m.PasswordMessage("hunter2"))
+    proof = b"c=biws,r=abc,p=secretproof"
+    assert repr(m.SASLResponse(proof)) == "SASLResponse(data=<26 bytes>)"
+    assert "secret" not in repr(m.SASLInitialResponse("SCRAM-SHA-256", b"n,,n=,r=secret"))
 
 
 # ----------------------------------------------------------------- errors from the wire
