@@ -70,7 +70,7 @@ class Serving:
             writer.write(data)
             return await read_all(reader, timeout)
         finally:
-            writer.close()
+            await close_quietly(writer)
 
 
 @contextlib.asynccontextmanager
@@ -153,6 +153,13 @@ async def eventually(condition: Callable[[], bool], timeout: float = 2.0) -> Non
     while not condition():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+async def close_quietly(writer: asyncio.StreamWriter) -> None:
+    """Close a test's raw connection and wait until the loop has let go of it."""
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 def status_line(data: bytes) -> bytes:

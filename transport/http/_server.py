@@ -167,6 +167,7 @@ class HttpServer:
                 await connection.refuse_busy()
             else:
                 await connection.serve()
+            await connection.close()
         except asyncio.CancelledError:
             writer.transport.abort()
             raise
@@ -174,8 +175,6 @@ class HttpServer:
             # A defect in this module, not in a handler: keep the server up, say where.
             logger.exception("HTTP connection from %s failed", connection.peer)
             writer.transport.abort()
-            return
-        await connection.close()
 
 
 class _Timeout(Exception):
