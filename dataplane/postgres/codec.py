@@ -637,7 +637,7 @@ class MessageDecoder:
         self.max_message_size = max_message_size
         # Which of PasswordMessage / SASLInitialResponse / SASLResponse a 'p' is; the caller
         # sets it from its authentication state before asking for the next message.
-        self.expected_auth_response: type[m.AuthResponse] = m.PasswordMessage
+        self._auth_response: type[m.AuthResponse] = m.PasswordMessage
         self._buf = bytearray()
         self._eof = False
         self._error: Exception | None = None
@@ -649,7 +649,16 @@ class MessageDecoder:
                 f"expected_auth_response must be PasswordMessage, SASLInitialResponse or "
                 f"SASLResponse, not {kind!r}"
             )
-        self.expected_auth_response = kind
+        self._auth_response = kind
+
+    @property
+    def expected_auth_response(self) -> type[m.AuthResponse]:
+        """How the next 'p' message is decoded; PasswordMessage until told otherwise."""
+        return self._auth_response
+
+    @expected_auth_response.setter
+    def expected_auth_response(self, kind: type[m.AuthResponse]) -> None:
+        self.expect_auth_response(kind)
 
     @property
     def buffered(self) -> int:
@@ -695,7 +704,7 @@ class MessageDecoder:
         have = len(buf)
         if have == 0:
             return None
-        entry = _lookup(self.side, buf[0], self.expected_auth_response)
+        entry = _lookup(self.side, buf[0], self._auth_response)
         if entry is None:
             raise _unknown_type(self.side, buf[0])
         name, decoder = entry

@@ -151,6 +151,9 @@ def test_a_p_message_decodes_as_the_expected_kind() -> None:
     assert decoder.next_message() == m.SASLResponse(b"c=biws,r=abc,p=xyz")
     with pytest.raises(LocalProtocolError, match="PasswordMessage, SASLInitialResponse"):
         decoder.expect_auth_response(m.Query)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="PasswordMessage, SASLInitialResponse"):
+        decoder.expected_auth_response = m.Sync  # type: ignore[assignment]
+    assert decoder.expected_auth_response is m.SASLResponse
 
 
 @settings(deadline=None)
