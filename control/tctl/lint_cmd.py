@@ -11,7 +11,6 @@ import argparse
 import sys
 from typing import Any
 
-from control.gitsource import GitSourceError
 from control.lint import FORMATTERS, JSON_FORMAT, LintInputError, lint_directory, lint_revision
 from control.tctl import UsageError
 
@@ -65,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             report = lint_revision(args.path, args.rev)
         else:
             report = lint_directory(args.path)
-    except (LintInputError, GitSourceError) as exc:
+    except LintInputError as exc:
         raise UsageError(str(exc)) from None
     sys.stdout.write(FORMATTERS[args.format](report))
     sys.stdout.flush()

@@ -25,6 +25,7 @@ Sans-IO: strings and bytes in, values and problems out. It never opens a file.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from dataclasses import dataclass, field
@@ -42,7 +43,62 @@ MAX_DEPTH = 64  # nesting of lists and mappings in one document
 # pure-Python composer, which fails with RecursionError instead.
 _C_SAFE_DEPTH = 1000
 
-_Loader: type[yaml.SafeLoader] | Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+@functools.lru_cache(maxsize=4096)
+def _plain_tag(value: str) -> str:
+    """YAML 1.1's implicit tag of a plain scalar (`yes` is a bool, `12` an int, ...)."""
+    resolvers = yaml.resolver.Resolver.yaml_implicit_resolvers
+    for tag, regexp in resolvers.get(value[:1], []) + resolvers.get(None, []):
+        if regexp.match(value):
+            return str(tag)
+    return _STR
+
+
+class _Resolver(yaml.resolver.BaseResolver):
+    """PyYAML's SafeLoader tags, resolved faster: policy files use no path resolvers, so
+    the per-node bookkeeping for them is skipped, and plain scalars are memoized."""
+
+    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+        return None
+
+    def ascend_resolver(self) -> None:
+        return None
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
+        if kind is ScalarNode:
+            return _plain_tag(value) if implicit[0] else _STR
+        return _SEQ if kind is SequenceNode else _MAP
+
+
+class _PyLoader(
+    yaml.reader.Reader,
+    yaml.scanner.Scanner,
+    yaml.parser.Parser,
+    yaml.composer.Composer,
+    _Resolver,
+):
+    """The pure-Python composer (no constructor: values are built by `_Builder`)."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        _Resolver.__init__(self)
+
+
+_Loader: Any = _PyLoader
+if getattr(yaml, "__with_libyaml__", False):
+    from yaml.cyaml import CParser
+
+    class _CLoader(CParser, _Resolver):  # type: ignore[misc]
+        """libyaml's composer."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            _Resolver.__init__(self)
+
+    _Loader = _CLoader
 
 Path = tuple[str | int, ...]
 
@@ -52,7 +108,6 @@ _TIMESTAMP, _SEQ, _MAP, _MERGE = (_TAG + t for t in ("timestamp", "seq", "map", 
 
 # YAML 1.1's printable set, inverted: these characters may not appear in a YAML stream.
 _BAD_CHAR = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-_BLOCK_PREFIX = re.compile(r"^[ \-?:]*", re.MULTILINE)
 
 _BOMS = {
     b"\xff\xfe\x00\x00": "UTF-32",
@@ -113,13 +168,14 @@ def _problem(path: str, line: int, col: int, message: str, rule: str) -> Problem
 def decode(data: bytes | str, path: str) -> tuple[str | None, Problem | None]:
     """Bytes to text: UTF-8 (with or without a byte order mark), no control characters."""
     if isinstance(data, bytes):
+        data = data.removeprefix(b"\xef\xbb\xbf")
         for bom, name in _BOMS.items():
             if data.startswith(bom):
                 return None, _problem(
                     path, 1, 1, f"the file is {name}; save it as UTF-8", "file-encoding"
                 )
         try:
-            text = data.decode("utf-8-sig")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             prefix = data[: exc.start]
             line = prefix.count(b"\n") + 1
@@ -150,16 +206,26 @@ def decode(data: bytes | str, path: str) -> tuple[str | None, Problem | None]:
     return text, None
 
 
-def _nesting_bound(text: str) -> int:
-    """An upper bound of how deep collections in `text` can nest.
+@functools.lru_cache(maxsize=64)
+def _block_prefix_at_least(width: int) -> re.Pattern[str]:
+    return re.compile(r"^[ \-?:]{" + str(width) + "}", re.MULTILINE)
+
+
+def _c_composer_is_safe(text: str) -> bool:
+    """Whether collections in `text` cannot nest deeper than `_C_SAFE_DEPTH`.
 
     A nested block collection starts to the right of its parent (or, for a list under a
-    mapping key, in the same column: two levels per column), so block nesting is bounded by
-    the widest run of indentation and `- `/`? `/`: ` indicators at a line start; every flow
-    level needs a `[` or `{` (an implicit mapping inside a flow list adds one more).
+    mapping key, in the same column: two levels per column), so block nesting is bounded
+    by twice the widest run of indentation and `- `/`? `/`: ` indicators at a line start;
+    every flow level needs a `[` or `{` (an implicit mapping inside a flow list adds one).
+    The bound is 2 * (widest + 2) + 2 * brackets.
     """
-    widest = max((m.end() - m.start() for m in _BLOCK_PREFIX.finditer(text)), default=0)
-    return 2 * (widest + 2) + 2 * (text.count("[") + text.count("{"))
+    room = _C_SAFE_DEPTH // 2 - 2 - (text.count("[") + text.count("{"))
+    if room <= 0:
+        return False
+    if len(text) <= room:
+        return True
+    return _block_prefix_at_least(room + 1).search(text) is None
 
 
 _HINTS = {
@@ -209,11 +275,16 @@ def _syntax_problem(path: str, text: str, exc: yaml.YAMLError) -> Problem:
 
 
 class _Builder:
-    """Builds one document's plain value from its node tree, recording positions."""
+    """Builds one document's plain value from its node tree, recording positions.
 
-    def __init__(self, path: str, root: Node) -> None:
+    Plain-text scalars, most of any policy file, take a short path inline in the loops;
+    everything else goes through `build`.
+    """
+
+    def __init__(self, path: str, root: Node, merges: bool) -> None:
         self.path = path
         self.root = root
+        self.merges = merges  # False when the text has no `<<`: no merge key to look for
         self.marks: dict[Path, tuple[int, int, int, int]] = {}
         self.problems: list[Problem] = []
         self.budget = MAX_NODES
@@ -224,8 +295,12 @@ class _Builder:
         m = node.start_mark
         return _Abandon(_problem(self.path, m.line + 1, m.column + 1, message, rule))
 
-    def build(self, node: Node, path: Path, key: tuple[int, int], depth: int) -> Any:
+    def build(self, node: Node, path: Path, kline: int, kcol: int, depth: int) -> Any:
+        m = node.start_mark
+        self.marks[path] = (kline, kcol, m.line + 1, m.column + 1)
         self.budget -= 1
+        if isinstance(node, ScalarNode):
+            return self.scalar(node)
         if self.budget < 0:
             raise self.fail(
                 self.root,
@@ -233,10 +308,6 @@ class _Builder:
                 "split it or use fewer aliases",
                 "yaml-alias",
             )
-        m = node.start_mark
-        self.marks[path] = (key[0], key[1], m.line + 1, m.column + 1)
-        if isinstance(node, ScalarNode):
-            return self.scalar(node)
         if depth >= MAX_DEPTH:
             raise self.fail(
                 node, f"lists and mappings nest deeper than {MAX_DEPTH} levels", "yaml-syntax"
@@ -248,13 +319,7 @@ class _Builder:
             if isinstance(node, SequenceNode):
                 if node.tag != _SEQ:
                     raise self.fail(node, self.tag_message(node.tag), "yaml-tag")
-                out: list[Any] = []
-                for i, item in enumerate(node.value):
-                    im = item.start_mark
-                    out.append(
-                        self.build(item, (*path, i), (im.line + 1, im.column + 1), depth + 1)
-                    )
-                return out
+                return self.sequence(node, path, depth)
             if isinstance(node, MappingNode):
                 if node.tag != _MAP:
                     raise self.fail(node, self.tag_message(node.tag), "yaml-tag")
@@ -263,23 +328,40 @@ class _Builder:
             self.active.discard(id(node))
         raise self.fail(node, "unexpected YAML node", "yaml-syntax")  # pragma: no cover
 
+    def sequence(self, node: SequenceNode, path: Path, depth: int) -> list[Any]:
+        out: list[Any] = []
+        marks = self.marks
+        for i, item in enumerate(node.value):
+            m = item.start_mark
+            line, col = m.line + 1, m.column + 1
+            if item.__class__ is ScalarNode and item.tag == _STR:
+                marks[(*path, i)] = (line, col, line, col)
+                self.budget -= 1
+                out.append(item.value)
+            else:
+                out.append(self.build(item, (*path, i), line, col, depth + 1))
+        return out
+
     def mapping(self, node: MappingNode, path: Path, depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        # Merge keys first: keys written in the mapping itself then override merged ones
-        # (values and positions); among several merged mappings the first listed wins.
-        for key_node, value_node in node.value:
-            if isinstance(key_node, ScalarNode) and key_node.tag == _MERGE:
-                self.merge(value_node, path, depth, out)
-        merged = set(out)
-        first_line: dict[str, int] = {}
+        marks = self.marks
+        merged: set[str] = set()
+        if self.merges and any(k.tag == _MERGE for k, _ in node.value):
+            # Merge keys first: keys written in the mapping itself then override merged
+            # ones (values and positions); among several merged mappings the first wins.
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE and isinstance(key_node, ScalarNode):
+                    self.merge(value_node, path, depth, out)
+            merged = set(out)
         for key_node, value_node in node.value:
             km = key_node.start_mark
-            if not isinstance(key_node, ScalarNode):
+            kline, kcol = km.line + 1, km.column + 1
+            if key_node.__class__ is not ScalarNode:
                 self.problems.append(
                     _problem(
                         self.path,
-                        km.line + 1,
-                        km.column + 1,
+                        kline,
+                        kcol,
                         "a mapping key must be plain text, not a list or mapping",
                         "yaml-key",
                     )
@@ -288,25 +370,31 @@ class _Builder:
             if key_node.tag == _MERGE:
                 continue
             key = sys.intern(key_node.value)
-            if key in first_line:
-                self.problems.append(
-                    _problem(
-                        self.path,
-                        km.line + 1,
-                        km.column + 1,
-                        f"duplicate key {key!r}: it is already set at line {first_line[key]}; "
-                        "keep one of the two",
-                        "yaml-duplicate-key",
-                    )
-                )
-                continue
-            first_line[key] = km.line + 1
             child = (*path, key)
-            if key in merged:
+            if key in out:
+                if key not in merged:
+                    self.problems.append(
+                        _problem(
+                            self.path,
+                            kline,
+                            kcol,
+                            f"duplicate key {key!r}: it is already set at line "
+                            f"{marks[child][0]}; keep one of the two",
+                            "yaml-duplicate-key",
+                        )
+                    )
+                    continue
+                merged.discard(key)
                 n = len(child)
-                for stale in [p for p in self.marks if p[:n] == child]:
-                    del self.marks[stale]
-            out[key] = self.build(value_node, child, (km.line + 1, km.column + 1), depth + 1)
+                for stale in [p for p in marks if p[:n] == child]:
+                    del marks[stale]
+            if value_node.__class__ is ScalarNode and value_node.tag == _STR:
+                m = value_node.start_mark
+                marks[child] = (kline, kcol, m.line + 1, m.column + 1)
+                self.budget -= 1
+                out[key] = value_node.value
+            else:
+                out[key] = self.build(value_node, child, kline, kcol, depth + 1)
         return out
 
     def merge(self, value: Node, path: Path, depth: int, out: dict[str, Any]) -> None:
@@ -319,7 +407,7 @@ class _Builder:
                     "a merge key (<<) takes a mapping or a list of mappings",
                     "yaml-syntax",
                 )
-            for k, v in self.build(source, path, own[:2], depth).items():
+            for k, v in self.build(source, path, own[0], own[1], depth).items():
                 out.setdefault(k, v)
         self.marks[path] = own
 
@@ -361,10 +449,11 @@ def parse_yaml(data: bytes | str, path: str) -> YamlFile:
     if text is None:
         assert problem is not None
         return YamlFile([], [problem])
-    loader_class = _Loader if _nesting_bound(text) <= _C_SAFE_DEPTH else yaml.SafeLoader
+    loader_class = _Loader if _c_composer_is_safe(text) else _PyLoader
     documents: list[Document] = []
     problems: list[Problem] = []
     loader = loader_class(text)
+    merges = "<<" in text
     index = 0
     try:
         while loader.check_node():
@@ -373,10 +462,16 @@ def parse_yaml(data: bytes | str, path: str) -> YamlFile:
             index += 1
             if isinstance(node, ScalarNode) and node.tag == _NULL:
                 continue  # an empty document
-            builder = _Builder(path, node)
+            builder = _Builder(path, node, merges)
             start = (node.start_mark.line + 1, node.start_mark.column + 1)
             try:
-                value = builder.build(node, (), start, 0)
+                value = builder.build(node, (), *start, 0)
+                if builder.budget < 0:  # scalars are counted but checked at collections
+                    raise builder.fail(
+                        node,
+                        f"this document expands to more than {MAX_NODES} values; split it",
+                        "yaml-alias",
+                    )
             except _Abandon as abandon:
                 problems.extend(builder.problems)
                 problems.append(abandon.problem)
