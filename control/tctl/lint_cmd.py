@@ -8,6 +8,7 @@ It never changes the repository.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -66,8 +67,13 @@ def run(args: argparse.Namespace) -> int:
             report = lint_directory(args.path)
     except LintInputError as exc:
         raise UsageError(str(exc)) from None
-    sys.stdout.write(FORMATTERS[args.format](report))
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(FORMATTERS[args.format](report))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `tctl lint | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return report.exit_code(strict=args.strict)
 
 
