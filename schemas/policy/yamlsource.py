@@ -1,11 +1,11 @@
 """YAML text to plain values plus source positions, parsed once.
 
 `parse_yaml(data, path)` decodes the bytes (UTF-8 only), lets PyYAML's composer build the node
-tree (libyaml's `CSafeLoader` when present, the pure-Python `SafeLoader` otherwise), and then
-builds the plain values itself: `dict`, `list`, `str`, `int`, `float`, `bool`, `None`. While
-building it records, for every path into the value (`("spec", "allow", "db_names", 0)`), where
-the key and where the value start, so that a validator working on plain values can be mapped
-back to `file:line:col`.
+tree (libyaml's `CParser` when PyYAML has it, the pure-Python composer otherwise; tags are
+resolved as PyYAML's `SafeLoader` does, YAML 1.1), and then builds the plain values itself:
+`dict`, `list`, `str`, `int`, `float`, `bool`, `None`. While building it records, for every
+path into the value (`("spec", "allow", "db_names", 0)`), where the key and where the value
+start, so that a validator working on plain values can be mapped back to `file:line:col`.
 
 Rules of this module, on top of YAML's:
 - A key that appears twice in one mapping is an error at the second occurrence (PyYAML keeps
@@ -42,6 +42,12 @@ MAX_DEPTH = 64  # nesting of lists and mappings in one document
 # C stack and kills the process. Input that could nest deeper than this goes to the
 # pure-Python composer, which fails with RecursionError instead.
 _C_SAFE_DEPTH = 1000
+
+Path = tuple[str | int, ...]
+
+_TAG = "tag:yaml.org,2002:"
+_STR, _NULL, _BOOL, _INT, _FLOAT = (_TAG + t for t in ("str", "null", "bool", "int", "float"))
+_TIMESTAMP, _SEQ, _MAP, _MERGE = (_TAG + t for t in ("timestamp", "seq", "map", "merge"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -100,11 +106,6 @@ if getattr(yaml, "__with_libyaml__", False):
 
     _Loader = _CLoader
 
-Path = tuple[str | int, ...]
-
-_TAG = "tag:yaml.org,2002:"
-_STR, _NULL, _BOOL, _INT, _FLOAT = (_TAG + t for t in ("str", "null", "bool", "int", "float"))
-_TIMESTAMP, _SEQ, _MAP, _MERGE = (_TAG + t for t in ("timestamp", "seq", "map", "merge"))
 
 # YAML 1.1's printable set, inverted: these characters may not appear in a YAML stream.
 _BAD_CHAR = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
