@@ -1,9 +1,10 @@
 """The control plane as a long-running service: `teleport start --roles=auth`.
 
 Prepares the data dir (signing key, CAs, hosted policy repository, settings), then runs the
-policy watcher (and, with the API, serves agents and users). Holds an exclusive lock on
-`<data_dir>/run/control.lock` for its whole life, so two control planes never share a data
-dir and `tctl` knows whether one is running.
+policy watcher and, when `settings.api_addr` is set, the HTTPS API (`control.api`), which
+learns of every bundle the reconciler publishes through `Reconciler.on_publish`. Holds an
+exclusive lock on `<data_dir>/run/control.lock` for its whole life, so two control planes
+never share a data dir and `tctl` knows whether one is running.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from control import hosted
+from control.api import ApiServer
 from control.ca import ClusterCAs
 from control.files import ensure_dir
 from control.reconcile import Reconciler
@@ -92,6 +94,7 @@ class ControlPlane:
         self.cas: ClusterCAs | None = None
         self.reconciler: Reconciler | None = None
         self.watcher: PolicyWatcher | None = None
+        self.api: ApiServer | None = None
 
     def prepare(self) -> None:
         """Create what a first start needs; refuse a data dir that belongs to another cluster."""
@@ -130,8 +133,18 @@ class ControlPlane:
             make_source(self.data_dir, self.settings).describe(),
         )
         try:
+            if self.settings.api_addr:
+                assert self.cas is not None and self.reconciler is not None
+                self.api = ApiServer(
+                    self.data_dir, self.settings, self.cas, self.reconciler.key.public_key()
+                )
+                self.reconciler.on_publish = self.api.on_publish
+                await self.api.start()
             await self.watcher.run(stop)
         finally:
+            if self.api is not None:
+                self.reconciler.on_publish = None  # type: ignore[union-attr]
+                await self.api.close()
             self.close()
 
     def close(self) -> None:

@@ -108,6 +108,10 @@ class LoginResponse(UserCert):
 
 class SignupStart(ApiModel):
     token: str = Field(min_length=1, max_length=256)
+    enroll_totp: bool = Field(
+        default=False,
+        description="offer a TOTP secret even when the cluster's second_factor is off",
+    )
 
 
 class SignupChallenge(ApiModel):

@@ -1,4 +1,9 @@
-"""`tctl status`: which commit and serial are in force, how the last attempt went, agents."""
+"""`tctl status`: which commit and serial are in force, how the last attempt went, agents.
+
+Agents and proxies are read from `<data_dir>/run/agents.json`, which the running API writes
+from heartbeats (the reconciler alone writes state.json); a file the API has not refreshed
+lately, or one left by a control plane that is not running, counts as no agents reporting.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,15 @@ import argparse
 import json
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 
+from control.ca import CAError, load_ca_certificate
+from control.inventory import read_agents
 from control.service import control_plane_running, make_source
 from control.settings import load_settings
 from control.state import load_state
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
+from schemas.identity import fingerprint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,14 +46,20 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{data_dir} has no control.json: it was never used by teleport start")
     state = load_state(data_dir / "state.json")
     running = control_plane_running(data_dir)
+    agents = _agents(data_dir, running, state.agents)
+    pin = _ca_pin(data_dir)
     if args.format == "json":
         out = state.model_dump(mode="json")
+        out["agents"] = agents
         out["running"] = running
         out["source"] = make_source(data_dir, settings).describe()
+        out["ca_pin"] = pin
         print(json.dumps(out, indent=2))
         return 0
     print(f"Cluster:        {settings.cluster_name}")
     print(f"Control plane:  {'running' if running else 'not running'} ({data_dir})")
+    if pin:
+        print(f"CA pin:         {pin}")
     print(f"Policy source:  {make_source(data_dir, settings).describe()}")
     f = state.in_force
     if f is None:
@@ -70,10 +85,28 @@ def run(args: argparse.Namespace) -> int:
             print(f"Last attempt:   commit {what} at {_t(a.at)}: ready (serial {a.serial})")
         for w in a.warnings[:5]:
             print(f"                warning: {w}")
-    if state.agents:
-        counts = Counter(state.agents.values())
+    if agents:
+        counts = Counter(agents.values())
         parts = [f"{n} on serial {s}" for s, n in sorted(counts.items(), reverse=True)]
-        print(f"Agents:         {len(state.agents)} ({', '.join(parts)})")
+        print(f"Agents:         {len(agents)} ({', '.join(parts)})")
     else:
         print("Agents:         none reporting")
     return 0
+
+
+def _agents(data_dir: Path, running: bool, legacy: dict[str, int]) -> dict[str, int]:
+    """Host id -> bundle serial of the proxies and agents heartbeating now."""
+    current = read_agents(data_dir)
+    if current is None:
+        return dict(legacy) if running else {}
+    if not running or not current.fresh():
+        return {}
+    return {host_id: entry.serial for host_id, entry in current.agents.items()}
+
+
+def _ca_pin(data_dir: Path) -> str | None:
+    """The host CA's fingerprint: what `teleport start --ca-pin` expects."""
+    try:
+        return fingerprint(load_ca_certificate(data_dir, "host"))
+    except CAError:
+        return None
