@@ -83,7 +83,7 @@ class Evaluation:
 
 def evaluate_commit(repo_path: Path, commit: str, cluster_name: str | None) -> Evaluation:
     snapshot = read_policy_files(repo_path, commit)
-    result = load_policy(snapshot.files)
+    result = load_policy(snapshot.files, unread=[p.path for p in snapshot.problems])
     problems = [*snapshot.problems, *result.problems]
     errors = [str(p) for p in problems if p.severity == "error"]
     warnings = [str(p) for p in problems if p.severity == "warning"]

@@ -29,7 +29,7 @@ import difflib
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -598,6 +598,7 @@ def _cross_checks(state: _State, cluster_files: list[str]) -> None:
 
 # YAML problems after which every document of the file was still read.
 _KEEPS_DOCUMENTS = {"yaml-duplicate-key", "yaml-key"}
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def load_policy(files: Mapping[str, bytes], unread: Iterable[str] = ()) -> LoadResult:
@@ -657,3 +658,38 @@ def load_policy(files: Mapping[str, bytes], unread: Iterable[str] = ()) -> LoadR
             databases=state.databases,
         )
     return LoadResult(policy, problems, count)
+
+
+def validate_yaml(
+    data: bytes | str, path: str, model: type[_M], resource: str = ""
+) -> tuple[_M | None, list[Problem]]:
+    """Validate a single-document YAML file (such as `teleport.yaml`) with `model`.
+
+    The same positions and messages as policy files: every problem points at its line and
+    column. Returns the model, or None and the problems.
+    """
+    parsed = parse_yaml(data, path)
+    problems = list(parsed.problems)
+    if problems:
+        return None, sorted(problems, key=lambda p: p.sort_key)
+    if len(parsed.documents) != 1 or not isinstance(parsed.documents[0].value, dict):
+        found = "no document" if not parsed.documents else "not a single mapping"
+        problem = Problem(
+            path,
+            1,
+            1,
+            "error",
+            resource,
+            "",
+            f"expected one mapping, found {found}",
+            "yaml-structure",
+        )
+        return None, [problem]
+    doc = parsed.documents[0]
+    try:
+        return model.model_validate(doc.value), []
+    except ValidationError as exc:
+        ctx = _Context(path, doc, model, resource, problems)
+        for err in exc.errors():
+            _report(ctx, err)
+        return None, sorted(problems, key=lambda p: p.sort_key)
