@@ -44,7 +44,8 @@ log = logging.getLogger("teleport.cluster.dbcerts")
 
 #: A cached certificate is replaced once this fraction of its lifetime has passed.
 REFRESH_FRACTION = 2 / 3
-#: A certificate this close to its expiry is not handed out, even during an outage.
+#: A certificate this close to its expiry is not handed out, even during an outage (or a
+#: tenth of its lifetime, when that is shorter).
 EXPIRY_MARGIN = timedelta(seconds=5)
 
 
@@ -72,7 +73,8 @@ class DbClientCert:
 
     def usable(self, now: datetime | None = None) -> bool:
         """Still valid for a new connection (not within EXPIRY_MARGIN of expiring)."""
-        return (now or datetime.now(UTC)) < self.expires - EXPIRY_MARGIN
+        margin = min(EXPIRY_MARGIN, (self.expires - self.received) / 10)
+        return (now or datetime.now(UTC)) < self.expires - margin
 
     def client_context(
         self, cas: Sequence[tls.CertSource] | None = None, *, check_hostname: bool = True

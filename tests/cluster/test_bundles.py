@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from control.ca import CertificateAuthority
+from control.ca import CertificateAuthority, ClusterCAs
+from dataplane.cluster._backoff import Backoff
 from dataplane.cluster._files import write_atomic
 from dataplane.cluster.api_client import ControlPlaneClient
 from dataplane.cluster.bundles import BundleFeed, cache_path
@@ -28,9 +29,12 @@ from schemas.bundle import (
     RejectReason,
     key_id,
     sign_bundle,
+    verify_bundle,
 )
 from tests.cluster.helpers import run
+from tests.cluster.pki import credentials
 from transport import tls
+from transport.http import HttpServer, Request, Response
 
 KEY = Ed25519PrivateKey.generate()
 KEYS = {key_id(KEY.public_key()): KEY.public_key()}
@@ -211,3 +215,55 @@ def test_an_expired_bundle_is_no_longer_used_and_that_is_logged(
 
 def _any_ca() -> bytes:
     return CertificateAuthority.generate("host", "root").certificate_pem()
+
+
+def test_the_fetcher_never_caches_a_bundle_it_would_refuse(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A control plane serving a bundle signed by a foreign key (a test double on the real
+    HTTP server and TLS: the real control plane verifies its bundles before serving them)."""
+    cas = ClusterCAs(*(CertificateAuthority.generate(k, "root") for k in ("user", "host", "db")))
+    auth = credentials(cas, "auth", "auth")
+    me = credentials(cas, "db", "agent-1")
+    foreign = signed(2, key=Ed25519PrivateKey.generate())
+    answers = [signed(1), foreign, signed(3)]
+    asked: list[str | None] = []
+
+    async def handler(request: Request) -> Response:
+        assert request.path == "/v1/bundle"
+        asked.append(request.arg("after"))
+        if not answers:
+            await asyncio.sleep(float(request.arg("wait") or 0))
+            return Response(304)
+        return Response(200, [("content-type", "application/json")], answers.pop(0))
+
+    feed_holder: list[BundleFeed] = []
+
+    async def main() -> None:
+        server = HttpServer(handler)
+        host, port = await server.listen("127.0.0.1", 0, ssl=auth.server_context("optional"))
+        client = ControlPlaneClient(f"{host}:{port}", me.api_context())
+        feed = BundleFeed(tmp_path, "root", KEYS, client, poll_wait=1,
+                          retry=Backoff(first=0.2, cap=0.5))
+        feed_holder.append(feed)
+        stop = asyncio.Event()
+        with caplog.at_level(logging.ERROR, "teleport.cluster.bundles"):
+            task = asyncio.create_task(feed.run(stop))
+            await wait_until(lambda: feed.serial == 1)
+            await wait_until(lambda: feed.last_rejection is not None)
+            cached = cache_path(tmp_path).read_bytes()
+            assert verify_bundle(cached, KEYS, "root", 0, datetime.now(UTC)).serial == 1
+            await wait_until(lambda: feed.serial == 3)
+            stop.set()
+            await task
+        await client.aclose()
+        await server.close()
+
+    run(main())
+    feed = feed_holder[0]
+    assert feed.last_rejection is not None
+    assert feed.last_rejection.reason == RejectReason.UNKNOWN_KEY
+    assert asked[:3] == ["0", "1", "1"]  # after the refusal it asks again from serial 1
+    assert any("REFUSED" in r.getMessage() and "control plane" in r.getMessage()
+               for r in caplog.records)
+
