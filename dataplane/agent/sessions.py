@@ -1,0 +1,98 @@
+"""Live sessions of a db agent: found by id and by the cancel key the proxy gave the client.
+
+A `Session` is one relayed connection after a successful login. It knows who (the
+verified identity, kept with its certificate so a new bundle can re-check it), where (the
+database, db user, db name), its relay and its audit recorder, and the two cancel keys:
+the one the proxy generated for the client and the server's own.
+
+`SessionRegistry.find_by_key(pid, secret)` compares the secret in constant time; a wrong
+key finds nothing, and nothing tells the caller so (PostgreSQL's behaviour).
+
+This module holds state only; the decisions (what to re-check, when to terminate) are the
+engine's. It never logs cancel secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from dataplane.agent.audit import SessionRecorder
+from dataplane.postgres import messages as m
+from dataplane.relay import Relay
+from dataplane.tunnel.frames import BackendKey
+from schemas.bundle import BundleDatabase
+from schemas.identity import Identity
+
+
+@dataclass(eq=False)
+class Session:
+    """One live session on this agent."""
+
+    session_id: str
+    identity: Identity
+    certificate: bytes  # the client's certificate (DER), to re-verify against a new bundle
+    verified_at: datetime
+    service: str
+    spec: BundleDatabase
+    db_user: str
+    db_name: str
+    client_addr: str
+    client_key: BackendKey  # what the proxy gave the client
+    server_key: m.BackendKeyData | None  # what the server gave us
+    relay: Relay
+    recorder: SessionRecorder | None
+    started: float  # loop time
+    expiry_timer: asyncio.TimerHandle | None = None
+    ending: str = ""  # why we are terminating it, once we are
+    on_end: list[Callable[[Session], None]] = field(default_factory=list)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "session_id": self.session_id,
+            "user": self.identity.username,
+            "database": self.service,
+            "db_user": self.db_user,
+            "db_name": self.db_name,
+            "client_addr": self.client_addr,
+            **self.relay.info(),
+        }
+
+
+class SessionRegistry:
+    """Sessions by id and by the client's cancel key."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Session] = {}
+        self._by_pid: dict[int, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._by_id.values()))
+
+    def add(self, session: Session) -> None:
+        self._by_id[session.session_id] = session
+        self._by_pid[session.client_key.process_id] = session
+
+    def remove(self, session: Session) -> None:
+        if self._by_id.get(session.session_id) is session:
+            del self._by_id[session.session_id]
+        if self._by_pid.get(session.client_key.process_id) is session:
+            del self._by_pid[session.client_key.process_id]
+
+    def get(self, session_id: str) -> Session | None:
+        return self._by_id.get(session_id)
+
+    def find_by_key(self, process_id: int, secret_key: int) -> Session | None:
+        session = self._by_pid.get(process_id)
+        expected = session.client_key.secret_key if session is not None else 0
+        # Compare even when nothing was found, so timing tells nothing either way.
+        same = hmac.compare_digest(
+            expected.to_bytes(4, "big"), (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
+        )
+        return session if session is not None and same else None

@@ -1,0 +1,8 @@
+"""The proxy: the web port's listener, the PostgreSQL frontend, cancel keys, the service.
+
+Public face: `ProxyService` (see `dataplane.proxy.service`).
+"""
+
+from dataplane.proxy.service import ApiForwarder, ProxyService
+
+__all__ = ["ApiForwarder", "ProxyService"]

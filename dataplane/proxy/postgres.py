@@ -1,0 +1,385 @@
+"""The proxy's PostgreSQL side: TLS with the client, who it is, where its database is.
+
+For a connection the listener classified as PostgreSQL:
+1. startup packets, bounded (10,000 bytes) and timed (`startup_timeout`): SSLRequest is
+   answered `S` and TLS starts with the proxy's host certificate, a client certificate
+   required and checked against the user CAs of the bundle in force; GSSENCRequest is
+   answered `N`; CancelRequest is routed (below); a StartupMessage outside TLS gets a FATAL
+   "TLS is required" that psql prints;
+2. the client's certificate is verified (`verify_identity`: usage db, route, cluster,
+   expiry, with messages a person can act on) and the StartupMessage's user and database
+   checked against the route (`resolve_target`);
+3. a fresh BackendKeyData is issued for the client (random, remembered for cancel);
+4. the session goes to the in-process agent when it serves the database (all-in-one: the
+   TLS transport itself is handed over, no tunnel), else to an agent through the tunnel:
+   healthy ones in random order, the next one tried when one fails before the session
+   starts; with none, FATAL "no agent is serving database X";
+5. then bytes are relayed as they come (`dataplane.relay.Relay`), nothing parsed.
+
+A CancelRequest (a new plain connection, as libpq sends it) whose key the proxy issued goes
+to the agent of that session; any other key cancels nothing and the client is told
+nothing, as with PostgreSQL.
+
+Never: relay a byte of a client whose certificate did not verify, answer a wrong cancel
+key differently from a right one, or keep reading startup bytes past the limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives import serialization
+
+from dataplane.postgres import (
+    DEFAULT_MAX_STARTUP_SIZE,
+    ProtocolError,
+    StartupDecoder,
+    encode,
+    fatal,
+)
+from dataplane.postgres import messages as m
+from dataplane.postgres.errors import (
+    INVALID_AUTHORIZATION_SPECIFICATION,
+    PROTOCOL_VIOLATION,
+    SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+)
+from dataplane.proxy.cancel import LOCAL, CancelKeys
+from dataplane.relay import ConnectionClosed, Inbox, Relay
+from dataplane.tunnel.frames import CancelStart, SessionStart
+from dataplane.tunnel.hosts import AuditSink, BundleSourceLike, TlsContexts, certificates
+from dataplane.tunnel.routing import TargetRefused, resolve_target
+from dataplane.tunnel.server import AgentUnavailable, SessionRefused, TunnelServer
+from schemas.audit import SessionStartEvent
+from schemas.identity import Identity, IdentityError, verify_identity
+from transport.tls import peer_chain
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 10.0
+TLS_REQUIRED = (
+    "TLS is required: connect with sslmode=verify-full and the files tsh db login wrote"
+)
+
+
+class LocalAgentLike(Protocol):
+    """The db agent of this same process (all-in-one), as the proxy sees it."""
+
+    def serves(self, service: str) -> bool: ...
+
+    async def accept_local(
+        self,
+        transport: asyncio.Transport,
+        inbox: Inbox,
+        start: SessionStart,
+        pending: bytes = b"",
+        on_end: Callable[[], None] | None = None,
+    ) -> Any: ...  # an answer with .ok, .reason, .retry
+
+    async def cancel(self, process_id: int, secret_key: int) -> bool: ...
+
+
+class _Refused(Exception):
+    """Refuse the client with this ErrorResponse."""
+
+    def __init__(self, error: m.ErrorResponse, reason: str) -> None:
+        super().__init__(reason)
+        self.error = error
+
+
+class PostgresFrontend:
+    """Serves the PostgreSQL clients the listeners hand over."""
+
+    def __init__(
+        self,
+        *,
+        contexts: TlsContexts,
+        bundles: BundleSourceLike,
+        tunnel: TunnelServer | None,
+        local_agent: LocalAgentLike | None = None,
+        keys: CancelKeys | None = None,
+        audit: AuditSink | None = None,
+        host_id: str = "",
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
+        self.contexts = contexts
+        self.bundles = bundles
+        self.tunnel = tunnel
+        self.local_agent = local_agent
+        self.keys = keys or CancelKeys()
+        self.audit = audit
+        self.host_id = host_id
+        self.startup_timeout = startup_timeout
+        self.relays: set[Relay] = set()
+
+    # -- the connection ---------------------------------------------------------------------
+
+    async def handle(self, sock: socket.socket, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        inbox = Inbox(limit=2 * DEFAULT_MAX_STARTUP_SIZE)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: inbox, sock)
+        except OSError:
+            sock.close()
+            return
+        try:
+            async with asyncio.timeout(self.startup_timeout):
+                transport, packet, decoder = await self._startup(transport, inbox, peer)
+        except TimeoutError:
+            logger.info("PostgreSQL client %s did not finish its startup within %g s", peer,
+                        self.startup_timeout)
+            (inbox.transport or transport).abort()
+            return
+        except _Refused as exc:
+            self._refuse(inbox, exc.error)
+            return
+        except ProtocolError as exc:
+            self._refuse(inbox, fatal(exc.sqlstate, str(exc)))
+            return
+        except (ConnectionClosed, ssl.SSLError, OSError) as exc:
+            logger.info("PostgreSQL client %s left during the startup: %s", peer, exc)
+            (inbox.transport or transport).abort()
+            return
+        if isinstance(packet, m.CancelRequest):
+            transport.close()
+            await self._cancel(packet, peer)
+            return
+        assert isinstance(packet, m.StartupMessage)
+        try:
+            await self._session(transport, inbox, decoder, packet, peer)
+        except _Refused as exc:
+            self._refuse(inbox, exc.error)
+
+    def _refuse(self, inbox: Inbox, error: m.ErrorResponse) -> None:
+        transport = inbox.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(encode(error))
+        transport.close()
+
+    async def _startup(
+        self, transport: asyncio.Transport, inbox: Inbox, peer: str
+    ) -> tuple[asyncio.Transport, m.StartupPacket, StartupDecoder]:
+        loop = asyncio.get_running_loop()
+        decoder = StartupDecoder()
+        tls = False
+        while True:
+            packet = decoder.next_message()
+            if packet is None:
+                decoder.receive_data(await inbox.receive())
+                continue
+            if isinstance(packet, m.SSLRequest):
+                if tls:
+                    raise _Refused(
+                        fatal(PROTOCOL_VIOLATION, "SSLRequest received inside TLS"),
+                        "SSLRequest inside TLS",
+                    )
+                bundle = self.bundles.current
+                if bundle is None:
+                    # Without user CAs nobody can be verified; the plain StartupMessage
+                    # that follows (if the client allows it) gets the reason.
+                    inbox.write(b"N")
+                    continue
+                ctx = self.contexts.postgres_server(bundle)
+                inbox.write(b"S")
+                try:
+                    transport = await loop.start_tls(
+                        transport, inbox, ctx, server_side=True,
+                        ssl_handshake_timeout=self.startup_timeout,
+                    )
+                except (ssl.SSLError, OSError, ConnectionError) as exc:
+                    logger.info(
+                        "TLS with PostgreSQL client %s failed (a certificate from another CA, "
+                        "or none?): %s", peer, exc,
+                    )
+                    raise ConnectionClosed(str(exc)) from None
+                inbox.transport = transport
+                tls = True
+            elif isinstance(packet, m.GSSENCRequest):
+                inbox.write(b"N")
+            elif isinstance(packet, m.CancelRequest):
+                return transport, packet, decoder
+            else:
+                if not tls:
+                    bundle = self.bundles.current
+                    message = TLS_REQUIRED if bundle is not None else (
+                        "the proxy has no policy bundle in force yet, so it cannot verify "
+                        "client certificates; try again in a moment"
+                    )
+                    raise _Refused(
+                        fatal(INVALID_AUTHORIZATION_SPECIFICATION, message), message
+                    )
+                return transport, packet, decoder
+
+    # -- a session ---------------------------------------------------------------------------
+
+    def _audit_refusal(self, identity: Identity | None, startup: dict[str, str], peer: str,
+                       session_id: str, reason: str) -> None:
+        if self.audit is None:
+            return
+        bundle = self.bundles.current
+        route = identity.route if identity else None
+        event = SessionStartEvent(
+            cluster=bundle.cluster.name if bundle else "",
+            session_id=session_id,
+            user=identity.username if identity else "(unverified)",
+            roles=list(identity.roles) if identity else [],
+            db_service=route.service if route else "",
+            db_name=startup.get("database", ""),
+            db_user=startup.get("user", ""),
+            client_addr=peer,
+            agent=self.host_id,
+            success=False,
+            reason=reason,
+        )
+        try:
+            self.audit.emit(event)
+        except Exception:
+            logger.exception("the audit sink refused an event")
+
+    async def _session(
+        self,
+        transport: asyncio.Transport,
+        inbox: Inbox,
+        decoder: StartupDecoder,
+        startup: m.StartupMessage,
+        peer: str,
+    ) -> None:
+        session_id = str(uuid.uuid4())
+        params = dict(startup.parameters)
+
+        def refuse(message: str, identity: Identity | None = None,
+                   sqlstate: str = INVALID_AUTHORIZATION_SPECIFICATION) -> _Refused:
+            logger.info("PostgreSQL client %s refused: %s", peer, message)
+            self._audit_refusal(identity, params, peer, session_id, message)
+            return _Refused(fatal(sqlstate, message), message)
+
+        bundle = self.bundles.current
+        if bundle is None:
+            raise refuse("the proxy has no policy bundle in force yet; try again in a moment")
+        chain = peer_chain(transport)
+        if not chain:
+            raise refuse(
+                "no client certificate was presented: connect with sslcert/sslkey from "
+                "`tsh db login`"
+            )
+        try:
+            identity = verify_identity(
+                chain, certificates(bundle.cas.user), datetime.now(UTC), "db"
+            )
+        except IdentityError as exc:
+            raise refuse(f"the client certificate was refused: {exc}") from None
+        try:
+            resolve_target(identity, params)
+        except TargetRefused as exc:
+            raise refuse(str(exc), identity) from None
+        assert identity.route is not None
+        service = identity.route.service
+
+        key = self.keys.issue(session_id)
+        start = SessionStart(
+            session_id=session_id,
+            service=service,
+            client_cert=SessionStart.encode_certificate(
+                chain[0].public_bytes(serialization.Encoding.DER)
+            ),
+            startup=params,
+            client_addr=peer,
+            backend_key=key,
+        )
+        try:
+            placed = await self._place(transport, inbox, decoder, start, key)
+        except BaseException:
+            self.keys.forget(key)
+            raise
+        if not placed[0]:
+            self.keys.forget(key)
+            raise refuse(placed[1], identity, SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION)
+
+    async def _place(
+        self,
+        transport: asyncio.Transport,
+        inbox: Inbox,
+        decoder: StartupDecoder,
+        start: SessionStart,
+        key: Any,
+    ) -> tuple[bool, str]:
+        """Give the session to an agent; (False, why) when none takes it."""
+        service = start.service
+        reasons: list[str] = []
+        local = self.local_agent
+        if local is not None and local.serves(service):
+            answer = await local.accept_local(
+                transport, inbox, start, decoder.take_unprocessed(),
+                on_end=lambda: self.keys.forget(key),
+            )
+            if answer.ok:
+                self.keys.bind(key, LOCAL)
+                return True, ""
+            if not answer.retry:
+                return False, answer.reason
+            reasons.append(answer.reason)
+        links = self.tunnel.agents_for(service) if self.tunnel is not None else []
+        for link in links:
+            if transport.is_closing() or inbox.closed:
+                return False, "the client left"
+            try:
+                opened = await self.tunnel.open_session(link, start)  # type: ignore[union-attr]
+            except AgentUnavailable as exc:
+                reasons.append(str(exc))
+                continue
+            except SessionRefused as exc:
+                if exc.retry:
+                    reasons.append(str(exc))
+                    continue
+                return False, str(exc)
+            self.keys.bind(key, opened.host_id)
+            relay = Relay(transport, opened.transport)
+            self.relays.add(relay)
+
+            def closed(_reason: str, relay: Relay = relay) -> None:
+                self.relays.discard(relay)
+                self.keys.forget(key)
+
+            relay.on_closed = closed
+            relay.start(
+                decoder.take_unprocessed() + inbox.take(),
+                opened.pending,
+                client_gone=inbox.closed,
+                server_gone=opened.gone,
+            )
+            return True, ""
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        return False, f"no agent is serving database {service!r}{why}"
+
+    # -- cancel -----------------------------------------------------------------------------
+
+    async def _cancel(self, request: m.CancelRequest, peer: str) -> None:
+        target = self.keys.lookup(request.process_id, request.secret_key)
+        if target is None or target.host_id is None:
+            logger.info("CancelRequest from %s matches no session; ignored", peer)
+            return
+        if target.host_id == LOCAL:
+            if self.local_agent is not None:
+                await self.local_agent.cancel(request.process_id, request.secret_key)
+            return
+        if self.tunnel is None:
+            return
+        for link in self.tunnel.agents():
+            if link.host_id == target.host_id:
+                try:
+                    await self.tunnel.send_cancel(
+                        link, CancelStart(process_id=request.process_id,
+                                          secret_key=request.secret_key)
+                    )
+                except AgentUnavailable as exc:
+                    logger.warning("could not pass a cancel to agent %s: %s",
+                                   target.host_id, exc)
+                return
+        logger.info("CancelRequest for a session on agent %s, which is gone", target.host_id)
