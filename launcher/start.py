@@ -1,0 +1,263 @@
+"""`teleport start`: run the control plane (auth), the proxy and database agents.
+
+Roles come from `--roles` (comma-separated: auth, proxy, db) or, without it, from the
+`enabled` flags of `--config`; with neither, auth and proxy run (plus db when a `--db-*` flag
+is given), so that seed 001's one-line start works on one machine. Flags override the file.
+Several roles in one process share an event loop, and the proxy hands connections for a
+local agent over in-process instead of tunnelling them through TLS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas.config import (
+    ConfigError,
+    DatabaseConfig,
+    FileConfig,
+    load_config,
+)
+
+log = logging.getLogger("teleport")
+
+ROLES = ("auth", "proxy", "db")
+
+
+class StartError(Exception):
+    """Bad flags or configuration: printed without a traceback, exit code 2."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "start",
+        help="start cluster services: auth (control plane), proxy, db (database agent)",
+        description="Start teleport-db services in this process. Examples:\n\n"
+        "  teleport start --roles=proxy,auth,db --db-name=aurora --db-protocol=postgres \\\n"
+        "      --db-uri=aurora.cluster-xyz.us-west-1.rds.amazonaws.com:5432 "
+        "--db-aws-region=us-west-1\n"
+        "  teleport start --config=/etc/teleport.yaml\n"
+        "  teleport start --roles=db --token=TOKEN --auth-server=proxy.example.com:3080 \\\n"
+        "      --db-name=test --db-protocol=postgres --db-uri=db.example.com:5432 "
+        "--labels=env=test",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--config", type=Path, help="teleport.yaml to read")
+    p.add_argument(
+        "--roles",
+        help="comma-separated services to run: auth, proxy, db (default: from the config, "
+        "else auth,proxy and db when --db-* flags are given)",
+    )
+    p.add_argument("-d", "--debug", action="store_true", help="log at debug level")
+    p.add_argument("--data-dir", help="data directory (default /var/lib/teleport)")
+    p.add_argument("--nodename", help="name of this host (default: the host name)")
+    p.add_argument("--cluster-name", help="cluster name at first start (default: the node name)")
+    g = p.add_argument_group("joining (proxy and db roles on their own)")
+    g.add_argument("--token", help="join token, or a file holding it")
+    g.add_argument(
+        "--auth-server",
+        action="append",
+        help="address of the auth server or of a proxy's web port (host:port)",
+    )
+    g.add_argument("--ca-pin", help="sha256:<hex> of the cluster's host CA, checked at join")
+    g = p.add_argument_group("database agent (seed 001 flags)")
+    g.add_argument("--db-name", help="name of the database to serve")
+    g.add_argument("--db-protocol", help="database protocol: postgres")
+    g.add_argument("--db-uri", help="database address host:port")
+    g.add_argument("--db-aws-region", help="AWS region of an RDS/Aurora database (IAM auth)")
+    g.add_argument("--db-ca-cert", help="CA certificate file to verify the database with")
+    g.add_argument("--db-description", default="", help="free-form description")
+    g.add_argument("--labels", help="static labels of the database, e.g. env=test,team=payments")
+    g = p.add_argument_group("auth service")
+    g.add_argument(
+        "--policy-repo",
+        help='where policy lives: "hosted" (default: <data_dir>/policies.git), a local '
+        "repository path, or a git URL to pull",
+    )
+    g.add_argument("--policy-branch", help="the branch that is policy (default main)")
+    p.set_defaults(func=run)
+
+
+def parse_labels(text: str | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise StartError(f"--labels: {part!r} is not key=value (e.g. env=test)")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+@dataclass
+class Plan:
+    """What to run: the effective configuration and roles after flags are applied."""
+
+    config: FileConfig
+    roles: set[str]
+    data_dir: Path
+    nodename: str
+    cluster_name: str
+    debug: bool = False
+    token: str | None = None
+    auth_servers: list[str] = field(default_factory=list)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    try:
+        config = load_config(args.config) if args.config else FileConfig()
+    except ConfigError as exc:
+        raise StartError(str(exc)) from None
+
+    db_flags = [args.db_name, args.db_protocol, args.db_uri, args.db_aws_region]
+    if args.roles:
+        roles = {r.strip() for r in args.roles.split(",") if r.strip()}
+        unknown = roles - set(ROLES) - {"node", "database"}
+        if unknown:
+            raise StartError(
+                f"--roles: unknown role(s) {', '.join(sorted(unknown))}; use auth, proxy, db"
+            )
+        roles = {"db" if r == "database" else r for r in roles} - {"node"}
+    elif args.config:
+        roles = {
+            name
+            for name, section in (
+                ("auth", config.auth_service),
+                ("proxy", config.proxy_service),
+                ("db", config.db_service),
+            )
+            if section.enabled
+        }
+    else:
+        roles = {"auth", "proxy"} | ({"db"} if any(db_flags) else set())
+    if not roles:
+        raise StartError("nothing to run: enable a service in the config or pass --roles")
+
+    if any(db_flags):
+        if "db" not in roles:
+            raise StartError("--db-* flags need the db role (--roles=...,db)")
+        missing = [
+            flag
+            for flag, value in (
+                ("--db-name", args.db_name),
+                ("--db-protocol", args.db_protocol),
+                ("--db-uri", args.db_uri),
+            )
+            if not value
+        ]
+        if missing:
+            raise StartError(f"serving a database from flags needs {', '.join(missing)}")
+        try:
+            db = DatabaseConfig.model_validate(
+                {
+                    "name": args.db_name,
+                    "description": args.db_description,
+                    "protocol": args.db_protocol,
+                    "uri": args.db_uri,
+                    "ca_cert_file": args.db_ca_cert,
+                    "labels": parse_labels(args.labels),
+                    **({"aws": {"region": args.db_aws_region}} if args.db_aws_region else {}),
+                }
+            )
+        except ValueError as exc:
+            raise StartError(f"--db-* flags: {_first_error(exc)}") from None
+        config.db_service.databases.append(db)
+    elif args.labels:
+        raise StartError("--labels applies to the database of --db-name")
+
+    data_dir = Path(
+        args.data_dir or os.environ.get("TELEPORT_DATA_DIR") or config.teleport.data_dir
+    )
+    nodename = args.nodename or config.teleport.nodename or socket.gethostname()
+    cluster = args.cluster_name or config.auth_service.cluster_name or nodename
+    if args.policy_repo:
+        config.auth_service.policy.repository = args.policy_repo
+    if args.policy_branch:
+        config.auth_service.policy.branch = args.policy_branch
+    token = args.token or config.teleport.auth_token
+    if token and os.path.isfile(token):
+        token = Path(token).read_text().strip()
+    return Plan(
+        config=config,
+        roles=roles,
+        data_dir=data_dir,
+        nodename=nodename,
+        cluster_name=cluster,
+        debug=args.debug,
+        token=token,
+        auth_servers=list(args.auth_server or config.teleport.auth_servers),
+    )
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return f"{where}: {str(first.get('msg', '')).removeprefix('Value error, ')}"
+    return str(exc)
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)-5s [%(name)s] %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def install_event_loop() -> None:
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up, absent on some platforms
+    except ImportError:  # pragma: no cover
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(plan: Plan, stop: asyncio.Event) -> None:
+    """Run every role of the plan until `stop` is set or one of them fails."""
+    from launcher.services import build_services  # noqa: PLC0415 - keeps --help fast
+
+    services = await build_services(plan)
+    tasks = [asyncio.create_task(run(stop), name=name) for name, run in services]
+    stopper = asyncio.create_task(stop.wait(), name="stop")
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    failed = [t for t in done if t is not stopper and t.exception() is not None]
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if failed:
+        raise failed[0].exception()  # type: ignore[misc]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        plan = make_plan(args)
+    except StartError as exc:
+        print(f"teleport: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(plan.debug)
+    install_event_loop()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(plan, stop)
+
+    try:
+        asyncio.run(main())
+    except StartError as exc:
+        print(f"teleport: error: {exc}", file=sys.stderr)
+        return 2
+    log.info("stopped")
+    return 0
