@@ -507,37 +507,54 @@ class SecretsStore:
         good = verify_password(password, stored)
         with self._transaction() as data:
             record = data.users.setdefault(username, UserSecrets())
-            until = locked_out(record, at)
-            if until is not None:
-                raise LoginRefused("account_locked", locked_message(until))
-            if not good or record.password is None or record.password != stored:
-                register_failure(record, self.lockout, at)
-                raise LoginRefused("bad_credentials", BAD_CREDENTIALS)
-            if record.totp_secret is not None:
-                if not totp:
-                    raise LoginRefused(
-                        "second_factor_required",
-                        "a second factor is required: send the current code from your "
-                        "authenticator app",
-                    )
-                step = totp_match(record.totp_secret, totp, at, record.totp_last_step)
-                if step is None:
-                    register_failure(record, self.lockout, at)
-                    raise LoginRefused(
-                        "bad_totp",
-                        "the second factor code is wrong or was already used; wait for the "
-                        "next code and check this machine's clock",
-                    )
-                record.totp_last_step = step
-            elif second_factor == "otp":
-                raise LoginRefused(
-                    "second_factor_not_enrolled",
-                    f"this cluster requires a second factor and {username!r} has none "
-                    f"enrolled; ask an administrator to run `tctl users reset {username}` "
-                    "and sign up again",
+            refusal = self._judge(record, username, good, stored, totp, second_factor, at)
+        # Raised only now, so that the transaction has saved the failure it counted.
+        if refusal is not None:
+            raise refusal
+
+    def _judge(
+        self,
+        record: UserSecrets,
+        username: str,
+        good: bool,
+        checked: PasswordHash | None,
+        totp: str | None,
+        second_factor: SecondFactor,
+        at: datetime,
+    ) -> LoginRefused | None:
+        """Update `record` with one login attempt; the refusal, or None when it succeeds."""
+        until = locked_out(record, at)
+        if until is not None:
+            return LoginRefused("account_locked", locked_message(until))
+        if not good or record.password is None or record.password != checked:
+            register_failure(record, self.lockout, at)
+            return LoginRefused("bad_credentials", BAD_CREDENTIALS)
+        if record.totp_secret is not None:
+            if not totp:
+                return LoginRefused(
+                    "second_factor_required",
+                    "a second factor is required: send the current code from your "
+                    "authenticator app",
                 )
-            record.failures = 0
-            record.locked_until = None
+            step = totp_match(record.totp_secret, totp, at, record.totp_last_step)
+            if step is None:
+                register_failure(record, self.lockout, at)
+                return LoginRefused(
+                    "bad_totp",
+                    "the second factor code is wrong or was already used; wait for the "
+                    "next code and check this machine's clock",
+                )
+            record.totp_last_step = step
+        elif second_factor == "otp":
+            return LoginRefused(
+                "second_factor_not_enrolled",
+                f"this cluster requires a second factor and {username!r} has none "
+                f"enrolled; ask an administrator to run `tctl users reset {username}` "
+                "and sign up again",
+            )
+        record.failures = 0
+        record.locked_until = None
+        return None
 
 
 class PhantomLockouts:
