@@ -11,7 +11,8 @@ consumes them through their small public faces:
 - `dbcerts`: `DbClientCerts.get(db_user)`, client certificates for PostgreSQL, cached;
 - `heartbeat`: `Heartbeater`, liveness, served databases and the proxies' tunnel addresses;
 - `labels`: `DynamicLabels`, static plus command-computed labels (seed 000);
-- `api_client`: `ControlPlaneClient`, the typed client of `schemas/api.py` over mTLS.
+- `api_client`: `ControlPlaneClient`, the typed client of `schemas/api.py` over mTLS;
+- `link`: `ClusterLink`, all of the above joined and run together for one host.
 
 Nothing here decides access (that is `schemas.rbac`) or touches a database session. Every
 object keeps working from what it has while the control plane is unreachable, for as long
@@ -37,9 +38,11 @@ from dataplane.cluster.identity import (
     require_host_peer,
 )
 from dataplane.cluster.labels import DynamicLabels
+from dataplane.cluster.link import ClusterLink
 
 __all__ = [
     "BundleFeed",
+    "ClusterLink",
     "ControlPlaneClient",
     "ControlPlaneError",
     "ControlPlaneRefused",

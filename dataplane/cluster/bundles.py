@@ -17,7 +17,7 @@ writing it, so the cache never holds anything worse than what is in force.
 
 At start the cache is loaded if it verifies, so an agent restarted while the control plane
 is down serves at once. When the bundle in force expires and no newer one came, it is no
-longer used (fail closed: `current` is None and subscribers are told None) and an error
+longer used (fail closed: `current` is None, `on_expired` listeners are told) and an error
 says so; the control plane re-signs bundles well before expiry, so this means it has been
 unreachable for a long time.
 
@@ -52,7 +52,7 @@ CACHE_FILE = "bundle"
 #: (an event lost by the OS), the fetcher activates it from the cache file itself.
 WATCH_GRACE_S = 2.0
 
-BundleListener = Callable[[Bundle | None], None]
+BundleListener = Callable[[Bundle], None]
 
 
 def cache_path(data_dir: Path) -> Path:
@@ -60,20 +60,19 @@ def cache_path(data_dir: Path) -> Path:
 
 
 class _CacheFilter(watchfiles.DefaultFilter):
-    def __init__(self, target: Path) -> None:
-        super().__init__()
-        self.target = str(target)
+    """Only the cache file itself (the directory is watched alone, not recursively); the
+    temporary files of atomic writes and deletions are ignored."""
 
     def __call__(self, change: watchfiles.Change, path: str) -> bool:
-        return path == self.target and change != watchfiles.Change.deleted
+        return Path(path).name == CACHE_FILE and change != watchfiles.Change.deleted
 
 
 class BundleFeed:
     """The verified bundle in force, kept current from the control plane through the cache.
 
     `client` None: no fetching, only the cache is watched (tests, or a bundle delivered by
-    other means). Subscribers are called on the event loop with the new bundle, or with
-    None when the bundle in force expired.
+    other means). Subscribers are called on the event loop with each newly activated
+    bundle; `on_expired` listeners with the bundle that expired without a successor.
     """
 
     def __init__(
@@ -100,6 +99,7 @@ class BundleFeed:
         self._expired_serial: int | None = None
         self._fetched_serial = 0
         self._listeners: list[BundleListener] = []
+        self._expiry_listeners: list[BundleListener] = []
         self._changed = asyncio.Event()
         self.last_rejection: BundleRejected | None = None
         self.activations = 0
@@ -120,7 +120,13 @@ class BundleFeed:
         return self._bundle.serial if self._bundle is not None else 0
 
     def subscribe(self, callback: BundleListener) -> None:
+        """`callback(bundle)` after each activation (re-check live sessions, rebuild CAs)."""
         self._listeners.append(callback)
+
+    def on_expired(self, callback: BundleListener) -> None:
+        """`callback(expired_bundle)` when the bundle in force expires with no successor:
+        from then on `current` is None until a valid bundle arrives."""
+        self._expiry_listeners.append(callback)
 
     # --- activation ----------------------------------------------------------------------
 
@@ -156,7 +162,7 @@ class BundleFeed:
             previous.serial if previous is not None else "none",
             _aware(bundle.expires_at).strftime("%Y-%m-%d %H:%M:%S UTC"),
         )
-        self._notify(bundle)
+        self._notify(self._listeners, bundle)
         return bundle
 
     def load_cache(self) -> Bundle | None:
@@ -175,13 +181,12 @@ class BundleFeed:
         log.error("REFUSED a bundle from %s (%s): %s; serial %s stays in force", source,
                   exc.reason.value, exc, self.serial or "none")
 
-    def _notify(self, bundle: Bundle | None) -> None:
-        for callback in list(self._listeners):
+    def _notify(self, listeners: list[BundleListener], bundle: Bundle) -> None:
+        for callback in list(listeners):
             try:
                 callback(bundle)
             except Exception:
-                log.exception("a bundle subscriber failed on serial %s",
-                              bundle.serial if bundle is not None else "none")
+                log.exception("a bundle listener failed on serial %d", bundle.serial)
 
     # --- running -------------------------------------------------------------------------
 
@@ -210,17 +215,20 @@ class BundleFeed:
             try:
                 async for _ in watchfiles.awatch(
                     directory,
-                    watch_filter=_CacheFilter(self.cache_file),
+                    watch_filter=_CacheFilter(),
                     stop_event=stop,
                     debounce=100,
                     step=10,
                     recursive=False,
                 ):
                     self.load_cache()
-            except Exception:
-                log.exception("watching %s failed; watching again in 1s", directory)
+            except Exception as exc:
+                log.error("watching %s failed (%s); watching again in 1s", directory, exc)
                 if await sleep_or_stop(stop, 1.0):
                     return
+                with contextlib.suppress(OSError):
+                    ensure_dir(directory)
+                self.load_cache()
             # awatch returns when stop is set
 
     async def _fetch(self, stop: asyncio.Event) -> None:
@@ -302,7 +310,7 @@ class BundleFeed:
                 "and a valid bundle is fetched (fail closed)",
                 bundle.serial, _aware(bundle.expires_at).strftime("%Y-%m-%d %H:%M:%S UTC"),
             )
-            self._notify(None)
+            self._notify(self._expiry_listeners, bundle)
 
 
 def _aware(value: datetime) -> datetime:

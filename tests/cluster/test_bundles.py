@@ -81,8 +81,8 @@ def drop_in_cache(data_dir: Path, data: bytes) -> None:
 
 def test_a_bundle_written_to_the_cache_is_activated_and_subscribers_told(tmp_path: Path) -> None:
     feed = BundleFeed(tmp_path, "root", KEYS)
-    told: list[int | None] = []
-    feed.subscribe(lambda b: told.append(b.serial if b else None))
+    told: list[int] = []
+    feed.subscribe(lambda b: told.append(b.serial))
 
     async def main() -> float:
         stop = asyncio.Event()
@@ -122,8 +122,8 @@ def test_a_refused_bundle_is_never_activated_and_the_current_one_stays(
     reason: RejectReason,
 ) -> None:
     feed = BundleFeed(tmp_path, "root", KEYS)
-    told: list[int | None] = []
-    feed.subscribe(lambda b: told.append(b.serial if b else None))
+    told: list[int] = []
+    feed.subscribe(lambda b: told.append(b.serial))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -189,8 +189,9 @@ def test_an_expired_bundle_is_no_longer_used_and_that_is_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     feed = BundleFeed(tmp_path, "root", KEYS)
-    told: list[int | None] = []
-    feed.subscribe(lambda b: told.append(b.serial if b else None))
+    told: list[str] = []
+    feed.subscribe(lambda b: told.append(f"activated {b.serial}"))
+    feed.on_expired(lambda b: told.append(f"expired {b.serial}"))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -199,7 +200,7 @@ def test_an_expired_bundle_is_no_longer_used_and_that_is_logged(
         await wait_until(lambda: feed.serial == 3)
         assert feed.current is not None
         with caplog.at_level(logging.ERROR, "teleport.cluster.bundles"):
-            await wait_until(lambda: told[-1:] == [None], timeout=5)
+            await wait_until(lambda: told[-1:] == ["expired 3"], timeout=5)
         assert feed.current is None  # fail closed
         # a fresh bundle brings service back
         drop_in_cache(tmp_path, signed(4))
@@ -208,7 +209,7 @@ def test_an_expired_bundle_is_no_longer_used_and_that_is_logged(
         await task
 
     run(main())
-    assert told == [3, None, 4]
+    assert told == ["activated 3", "expired 3", "activated 4"]
     assert any("EXPIRED" in r.getMessage() and "fail closed" in r.getMessage()
                for r in caplog.records)
 
