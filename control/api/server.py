@@ -44,7 +44,7 @@ from control.api.ratelimit import TokenBuckets
 from control.api.state import ApiState, utc_now
 from control.bundles import BundleStore
 from control.ca import CAError, ClusterCAs, certificate_pem
-from control.files import write_atomic
+from control.files import ensure_dir, write_atomic
 from control.inventory import Inventory, write_agents
 from control.settings import ControlSettings
 from control.tokens import TokenStore
@@ -187,8 +187,10 @@ class ApiServer:
                 "addresses in teleport.yaml"
             ) from None
         self._cert_renew_at = now + SERVER_CERT_TTL * 2 / 3
+        # The host CA follows the leaf, so that a host joining with only a CA pin can check
+        # the chain it is shown against the pin before trusting anything.
         return tls.server_context(
-            certificate_pem(cert),
+            certificate_pem(cert) + self.state.cas.host.certificate_pem(),
             tls.private_key_pem(key),
             client_cas=[
                 self.state.cas.user.certificate_pem(),
@@ -223,6 +225,7 @@ class ApiServer:
         context = self.ssl_context()
         self.address = await self.http.listen(host, port, ssl=context)
         shown = f"[{self.address[0]}]" if ":" in self.address[0] else self.address[0]
+        ensure_dir(self.data_dir / API_FILE.parent)
         write_atomic(
             self.data_dir / API_FILE,
             json.dumps({"addr": f"{shown}:{self.address[1]}", "pid": os.getpid()}).encode(),

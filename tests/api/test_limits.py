@@ -3,11 +3,14 @@ never a crash, and the server keeps serving everyone else."""
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.api.conftest import ApiCluster, public_pem
 from transport import tls
@@ -117,3 +120,30 @@ def test_unknown_paths_and_methods(cluster: ApiCluster, method: str, path: str,
     assert response.status == status
     if status == 405:
         assert response.headers["allow"]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = ["user", "password", "totp", "public_key", "ttl_seconds", "token", "role", "host_id",
+           "service", "db_user", "db_name", "dns_names", "serial", "databases"]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    path=st.sampled_from(["/v1/login", "/v1/signup/start", "/v1/signup", "/v1/join",
+                          "/v1/certs/db", "/v1/certs/host", "/v1/certs/db-client",
+                          "/v1/heartbeat"]),
+    body=_JSON | st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=6),
+)
+def test_arbitrary_json_bodies_never_get_a_server_error(
+    cluster: ApiCluster, path: str, body: object
+) -> None:
+    response = cluster.call("POST", path, body=json.dumps(body).encode(),
+                            headers={"content-type": "application/json"})
+    assert 400 <= response.status < 500, (response.status, response.body[:300])
