@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -488,6 +487,15 @@ async def join(
         existing = load_credentials(data_dir, role)
     except CredentialsError as exc:
         raise JoinError(str(exc)) from None
+    if existing is not None and ca_pin:
+        pin = normalize_pin(ca_pin)
+        joined_with = {ca_fingerprint(pem) for pem in existing.host_cas}
+        if pin not in joined_with:
+            raise JoinError(
+                f"{data_dir} joined cluster {existing.cluster!r}, whose host CA is "
+                f"{', '.join(sorted(joined_with))}, not --ca-pin {pin}: to join another "
+                f"cluster, remove {host_dir(data_dir)} first"
+            )
     if existing is not None and not existing.expired():
         if token:
             log.info("this data dir already joined cluster %s as host %s; the join token is "
@@ -613,8 +621,8 @@ def _der(pem: bytes) -> bytes:
 
 
 def ca_fingerprint(pem: bytes) -> str:
-    """`sha256:<hex>` of a CA certificate's DER, as `ping` and pins write it."""
-    return "sha256:" + hashlib.sha256(_der(pem)).hexdigest()
+    """`sha256:<hex>` of a PEM CA certificate, as `ping`, `tctl status` and pins write it."""
+    return fingerprint(load_certificates(pem)[0])
 
 
 # --- renewal -------------------------------------------------------------------------

@@ -64,6 +64,11 @@ def test_join_with_a_token_then_restart_without_one_while_the_control_plane_is_d
     assert again.cert_pem == creds.cert_pem and again.key_pem == creds.key_pem
     assert again.dns_names == ("agent.example.com",)
     assert load_credentials(agent_dir) == again
+    # the same pin is fine on restart; another cluster's pin is not silently ignored
+    assert run(join(agent_dir, control_plane.addr, TOKEN, "db", ca_pin=control_plane.pin)
+               ).host_id == creds.host_id
+    with pytest.raises(JoinError, match=r"joined cluster 'root', whose host CA is .*remove"):
+        run(join(agent_dir, control_plane.addr, TOKEN, "db", ca_pin="sha256:" + "0" * 64))
 
 
 def test_a_wrong_token_is_refused_and_nothing_is_written(
