@@ -23,6 +23,7 @@ from pathlib import Path
 from control.ca import CAError, load_ca_certificate
 from control.settings import ControlSettings, load_settings
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
+from control.tctl.users_cmd import guarded
 from control.tokens import DEFAULT_TTL, DbTokenInfo, TokenStore, normalize_roles
 from schemas.durations import DurationError, format_duration, parse_duration
 from schemas.identity import fingerprint
@@ -58,19 +59,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--labels", default="", help="static labels, k=v[,k=v]")
     add.add_argument("--format", choices=["text", "json"], default="text")
     add_data_dir_argument(add)
-    add.set_defaults(func=run_add)
+    add.set_defaults(func=guarded(run_add))
 
     ls = tsub.add_parser("ls", help="list join tokens", description="List static and "
                          "dynamic join tokens (dynamic ones by id; tokens are stored hashed).")
     ls.add_argument("--format", choices=["text", "json"], default="text")
     add_data_dir_argument(ls)
-    ls.set_defaults(func=run_ls)
+    ls.set_defaults(func=guarded(run_ls))
 
     rm = tsub.add_parser("rm", help="remove a dynamic join token",
                          description="Remove a dynamic join token, given the token or its id.")
     rm.add_argument("token", metavar="TOKEN_OR_ID")
     add_data_dir_argument(rm)
-    rm.set_defaults(func=run_rm)
+    rm.set_defaults(func=guarded(run_rm))
 
 
 def _settings(data_dir: Path) -> ControlSettings:

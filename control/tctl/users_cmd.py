@@ -19,9 +19,12 @@ hash or a TOTP secret; a signup token is printed once, when made, and stored has
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
+import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,6 +42,31 @@ from schemas.policy.yamlsource import parse_yaml
 DEFAULT_ROLE = "access"
 DEFAULT_PROXY_PORT = 3080
 _NAME = re.compile(NAME_PATTERN)
+
+
+def guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Files or git that cannot be used are a usage error (exit 2) with the reason, never a
+    traceback. (Shared with `tctl tokens`; `control.tctl.main` could do this for all.)"""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except subprocess.CalledProcessError as exc:
+            detail = (exc.stderr or "").strip().splitlines()
+            raise UsageError(
+                f"git failed ({' '.join(map(str, exc.cmd[:3]))}): "
+                f"{detail[-1] if detail else 'exit code ' + str(exc.returncode)}"
+            ) from None
+        except PermissionError as exc:
+            raise UsageError(
+                f"cannot access {exc.filename}: permission denied; run tctl as the user the "
+                "auth service runs as (usually root)"
+            ) from None
+        except OSError as exc:
+            raise UsageError(f"cannot access {exc.filename or 'a file'}: {exc.strerror}") from None
+
+    return run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,19 +95,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--db-users", default="", help="comma-separated database users (trait)")
     add.add_argument("--ttl", default=None, help="how long the signup token is valid (1h)")
     add_data_dir_argument(add)
-    add.set_defaults(func=run_add)
+    add.set_defaults(func=guarded(run_add))
 
     ls = usub.add_parser("ls", help="list users", description="List the users on the policy "
                          "branch with their roles, and whether a password is set or locked.")
     ls.add_argument("--format", choices=["text", "json"], default="text")
     add_data_dir_argument(ls)
-    ls.set_defaults(func=run_ls)
+    ls.set_defaults(func=guarded(run_ls))
 
     rm = usub.add_parser("rm", help="remove a user", description="Remove the user's file "
                          "from the policy repository (a commit) and their credentials.")
     rm.add_argument("name", metavar="NAME")
     add_data_dir_argument(rm)
-    rm.set_defaults(func=run_rm)
+    rm.set_defaults(func=guarded(run_rm))
 
     reset = usub.add_parser(
         "reset",
@@ -90,7 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     reset.add_argument("name", metavar="NAME")
     reset.add_argument("--ttl", default=None, help="how long the signup token is valid (1h)")
     add_data_dir_argument(reset)
-    reset.set_defaults(func=run_reset)
+    reset.set_defaults(func=guarded(run_reset))
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -218,3 +219,11 @@ def test_tokens_usage_errors(
     code, _, err = _run(cluster, capsys, *argv)
     assert code == 2
     assert message in err
+
+
+def test_commands_on_a_data_dir_never_started_say_so(
+    tmp_path: Path, capsys: Capture
+) -> None:
+    for argv in (["users", "ls"], ["users", "add", "amy"], ["tokens", "add", "--type=db"]):
+        assert tctl([*argv, "--data-dir", str(tmp_path)]) == 2
+        assert "has no control.json" in capsys.readouterr().err
