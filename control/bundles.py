@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from control.files import ensure_dir, write_atomic
+from transport.files import ensure_dir, write_atomic
 
 _NAME = re.compile(r"^(\d{10})\.bundle$")
 CURRENT = "current.bundle"

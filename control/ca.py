@@ -37,7 +37,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from control.files import write_atomic, write_private
 from schemas.identity import (
     CAKind,
     HostRole,
@@ -48,6 +47,7 @@ from schemas.identity import (
     fingerprint,
     identity_extension,
 )
+from transport.files import write_atomic, write_private
 from transport.tls import new_private_key, private_key_pem
 
 CA_KINDS: tuple[CAKind, ...] = ("user", "host", "db")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from control.files import write_atomic
+from transport.files import write_atomic
 
 REPO_DIR = "policies.git"
 DEFAULT_BRANCH = "main"

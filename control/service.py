@@ -19,13 +19,13 @@ from pathlib import Path
 from control import hosted
 from control.api import ApiServer
 from control.ca import ClusterCAs
-from control.files import ensure_dir
 from control.reconcile import Reconciler
 from control.settings import ControlSettings, load_settings, save_settings
 from control.signing import load_or_create_signing_key
 from control.sources import LocalSource, RemoteSource
 from control.watch import PolicyWatcher
 from schemas.bundle import BundleCAs
+from transport.files import ensure_dir
 
 log = logging.getLogger("teleport.control")
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from control.files import write_private
+from transport.files import write_private
 
 FILE = "control.json"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from control.files import ensure_dir, write_private
+from transport.files import ensure_dir, write_private
 
 KEY_PATH = Path("keys") / "bundle-signing.key"
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from control.files import write_atomic
+from transport.files import write_atomic
 
 HISTORY = 50
 MAX_ERRORS = 20

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import watchfiles
 
-from control.files import write_atomic
 from control.reconcile import Outcome, Reconciler
 from control.sources import LocalSource, RemoteSource
+from transport.files import write_atomic
 
 log = logging.getLogger("teleport.control.watch")
 

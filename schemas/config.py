@@ -11,11 +11,13 @@ file, never in the policy repository: only who runs the agent decides what it ex
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from schemas.durations import parse_duration
 from schemas.policy.loader import validate_yaml
 from schemas.policy.models import (
     AWS_REGION_RE,
@@ -23,6 +25,7 @@ from schemas.policy.models import (
     NAME_PATTERN,
     Duration,
     HostPort,
+    PolicyValueError,
 )
 
 DEFAULT_DATA_DIR = "/var/lib/teleport"
@@ -130,10 +133,20 @@ class ProxyService(ConfigModel):
     client_idle_timeout: Duration | None = None
 
 
+MIN_LABEL_PERIOD = timedelta(seconds=1)
+
+
 class LabelCommand(ConfigModel):
     name: Annotated[str, Field(pattern=LABEL_KEY_PATTERN)]
     command: Annotated[list[str], Field(min_length=1)]
     period: Duration = "1m"
+
+    @field_validator("period")
+    @classmethod
+    def _not_too_often(cls, value: str) -> str:
+        if parse_duration(value) < MIN_LABEL_PERIOD:
+            raise ValueError(f"period {value} is too short; the shortest allowed is 1s")
+        return value
 
 
 class DatabaseAWSConfig(ConfigModel):
@@ -163,6 +176,26 @@ class DatabaseConfig(ConfigModel):
         if value != "postgres":
             raise ValueError(f"unknown protocol {value!r}; use postgres")
         return value
+
+    @model_validator(mode="after")
+    def _one_source_per_label(self) -> DatabaseConfig:
+        seen: set[str] = set()
+        for i, command in enumerate(self.commands):
+            if command.name in self.labels:
+                raise PolicyValueError(
+                    f"dynamic label {command.name!r} has the name of a static label; "
+                    "rename one of them",
+                    rule="duplicate-label",
+                    at=("commands", i, "name"),
+                )
+            if command.name in seen:
+                raise PolicyValueError(
+                    f"two commands set label {command.name!r}; keep one",
+                    rule="duplicate-label",
+                    at=("commands", i, "name"),
+                )
+            seen.add(command.name)
+        return self
 
     @model_validator(mode="before")
     @classmethod

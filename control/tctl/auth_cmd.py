@@ -40,10 +40,10 @@ from control.ca import (
     load_ca_certificate,
     split_hosts,
 )
-from control.files import write_atomic, write_private
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
 from schemas.durations import DurationError, format_duration, parse_duration
 from schemas.identity import Identity, Route, verify_identity
+from transport.files import write_atomic, write_private
 from transport.tls import new_private_key, private_key_pem
 
 DEFAULT_PROXY_PORT = 3080

@@ -7,11 +7,11 @@ import json
 import secrets
 import time
 
-from control.files import write_atomic
 from control.service import control_plane_running, make_reconciler
 from control.settings import load_settings
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
 from control.watch import DONE_FILE, request_path
+from transport.files import write_atomic
 
 WAIT_S = 60.0
 

@@ -39,10 +39,10 @@ import watchfiles
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dataplane.cluster._backoff import Backoff, sleep_or_stop
-from dataplane.cluster._files import ensure_dir, write_atomic
 from dataplane.cluster.api_client import ControlPlaneClient, ControlPlaneError
 from schemas.api import BUNDLE_WAIT_DEFAULT_S
 from schemas.bundle import Bundle, BundleRejected, RejectReason, verify_bundle
+from transport.files import ensure_dir, write_atomic
 
 log = logging.getLogger("teleport.cluster.bundles")
 

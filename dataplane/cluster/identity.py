@@ -50,7 +50,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dataplane.cluster._backoff import Backoff, sleep_or_stop
-from dataplane.cluster._files import ensure_dir, write_private
 from dataplane.cluster.api_client import (
     ControlPlaneClient,
     ControlPlaneError,
@@ -68,6 +67,7 @@ from schemas.identity import (
     verify_identity,
 )
 from transport import tls
+from transport.files import ensure_dir, write_private
 
 log = logging.getLogger("teleport.cluster.identity")
 

@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control.ca import CertificateAuthority, ClusterCAs
 from dataplane.cluster._backoff import Backoff
-from dataplane.cluster._files import write_atomic
 from dataplane.cluster.api_client import ControlPlaneClient
 from dataplane.cluster.bundles import BundleFeed, cache_path
 from schemas.bundle import (
@@ -34,6 +33,7 @@ from schemas.bundle import (
 from tests.cluster.helpers import run
 from tests.cluster.pki import credentials
 from transport import tls
+from transport.files import write_atomic
 from transport.http import HttpServer, Request, Response
 
 KEY = Ed25519PrivateKey.generate()

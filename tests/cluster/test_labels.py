@@ -190,15 +190,14 @@ def test_a_command_writing_a_lot_to_stderr_does_not_block() -> None:
     assert run(run_label_command([PY, "-c", code], 10, 4096)) == "done"
 
 
-def test_configuration_mistakes_are_refused_when_the_agent_starts() -> None:
-    with pytest.raises(ValueError, match="both a static label and a command label"):
-        DynamicLabels([db(labels={"env": "a"}, commands=[
-            LabelCommand(name="env", command=["true"], period="1m")])])
+def test_configuration_mistakes_are_refused_by_the_config_model() -> None:
+    with pytest.raises(ValueError, match="has the name of a static label"):
+        db(labels={"env": "a"}, commands=[LabelCommand(name="env", command=["true"], period="1m")])
     with pytest.raises(ValueError, match="shortest allowed is 1s"):
-        DynamicLabels([db(commands=[LabelCommand(name="t", command=["true"], period="10ms")])])
+        LabelCommand(name="t", command=["true"], period="10ms")
     with pytest.raises(ValueError, match="two commands set label"):
-        DynamicLabels([db(commands=[LabelCommand(name="t", command=["true"], period="1m"),
-                                    LabelCommand(name="t", command=["true"], period="1m")])])
+        db(commands=[LabelCommand(name="t", command=["true"], period="1m"),
+                     LabelCommand(name="t", command=["true"], period="1m")])
     assert DynamicLabels([]).labels("unknown") == {}
 
 

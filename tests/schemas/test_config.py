@@ -85,3 +85,24 @@ def test_bad_token_entry_and_unreadable_file(tmp_path: Path) -> None:
         load_config(Path("t.yaml"), "auth_service:\n  tokens: [just-a-secret]\n")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_dynamic_label_may_not_shadow_a_static_one() -> None:
+    text = """\
+db_service:
+  databases:
+  - name: pg
+    protocol: postgres
+    uri: localhost:5432
+    labels:
+      env: dev
+    commands:
+    - name: env
+      command: [hostname]
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(Path("teleport.yaml"), text)
+    assert str(info.value) == (
+        "teleport.yaml:9:13: db_service.databases[0].commands[0].name: dynamic label 'env' "
+        "has the name of a static label; rename one of them"
+    )

@@ -1,10 +1,9 @@
-"""Writing the agent's own files atomically; private ones 0600 from the first byte.
+"""Writing files atomically, and private ones 0600 from the first byte (both planes).
 
-A copy of the two small helpers of `control/files.py`: the layer rules keep `dataplane` from
-importing `control`, and these belong in `transport` for both planes (reported to the lead).
-A reader (the bundle watcher, a restarted agent) must never see a half-written file, so
-every write goes to a temporary file in the same directory and is renamed over the target.
-This module never logs what it writes.
+A reader (an agent watching its bundle cache, `tctl status`) must never see a half-written
+file, so every write goes to a temporary file in the same directory and is renamed over the
+target. Private files (keys, password hashes) are created with mode 0600 and never exist
+with wider permissions, not even for a moment.
 """
 
 from __future__ import annotations
@@ -24,11 +23,7 @@ def ensure_dir(path: Path, mode: int = 0o700) -> Path:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = PUBLIC) -> None:
-    """Replace `path` with `data` in one step: readers see the old or the new file whole.
-
-    The temporary file is created 0600 by `mkstemp` and only then given `mode`, so a
-    private file is never readable by others, not even for a moment.
-    """
+    """Replace `path` with `data` in one step: readers see the old or the new file whole."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -42,13 +37,17 @@ def write_atomic(path: Path, data: bytes, mode: int = PUBLIC) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
 
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret: 0600 from creation, replaced atomically."""
     write_atomic(path, data, PRIVATE)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
