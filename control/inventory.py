@@ -26,8 +26,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
-from control.files import write_atomic
 from schemas.api import DatabaseInfo, Heartbeat
+from transport.files import write_atomic
 
 AGENTS_FILE = Path("run") / "agents.json"
 DEFAULT_INTERVAL = timedelta(seconds=10)

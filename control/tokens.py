@@ -30,8 +30,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from control.files import write_private
 from control.users import exclusive_lock
+from transport.files import write_private
 
 TOKENS_FILE = "tokens.json"
 LOCK_FILE = "tokens.lock"

@@ -41,7 +41,7 @@ from urllib.parse import quote, urlencode
 
 from pydantic import BaseModel, Field
 
-from control.files import ensure_dir, write_private
+from transport.files import ensure_dir, write_private
 
 SECRETS_DIR = "secrets"
 USERS_FILE = "users.json"

@@ -44,7 +44,6 @@ from control.api.ratelimit import TokenBuckets
 from control.api.state import ApiState, utc_now
 from control.bundles import BundleStore
 from control.ca import CAError, ClusterCAs, certificate_pem
-from control.files import ensure_dir, write_atomic
 from control.inventory import Inventory, write_agents
 from control.settings import ControlSettings
 from control.tokens import TokenStore
@@ -52,6 +51,7 @@ from control.users import LockoutPolicy, PhantomLockouts, SecretsStore
 from schemas.bundle import key_id
 from schemas.policy.models import split_host_port
 from transport import tls
+from transport.files import ensure_dir, write_atomic
 from transport.http import ApiError, Handler, HttpServer, Request, Response, ServerLimits
 
 log = logging.getLogger("teleport.control.api")
