@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from control.service import ControlPlane
-from control.settings import ControlSettings, SourceSettings
+from control.settings import ApiSettings, ControlSettings, SourceSettings
 from launcher.start import Plan, StartError
 from schemas.durations import parse_duration
+from schemas.policy.models import split_host_port
 
 Service = tuple[str, Callable[[asyncio.Event], Awaitable[None]]]
 
@@ -27,12 +28,33 @@ def control_settings(plan: Plan) -> ControlSettings:
         )
     else:
         source = SourceSettings(kind="local", path=repo, branch=auth.policy.branch)
+    proxy = plan.config.proxy_service
+    tunnel = proxy.tunnel_public_addr or _public(proxy.tunnel_listen_addr, plan.nodename)
+    proxy_addrs = list(proxy.public_addr) or (
+        [_public(proxy.web_listen_addr, plan.nodename)] if "proxy" in plan.roles else []
+    )
     return ControlSettings(
         cluster_name=plan.cluster_name,
         source=source,
         bundle_ttl_seconds=int(parse_duration(auth.bundle_ttl).total_seconds()),
         api_addr=auth.listen_addr,
+        api=ApiSettings(
+            nodename=plan.nodename,
+            public_addrs=list(auth.public_addr),
+            proxy_addrs=proxy_addrs,
+            tunnel_addrs=[tunnel] if "proxy" in plan.roles else [],
+            static_tokens=list(auth.tokens),
+            second_factor=auth.authentication.second_factor,
+        ),
     )
+
+
+def _public(listen_addr: str, nodename: str) -> str:
+    """A listen address as others dial it: 0.0.0.0 / :: become this host's name."""
+    host, port = split_host_port(listen_addr)
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
+        host = nodename
+    return f"{host}:{port}"
 
 
 async def build_services(plan: Plan) -> list[Service]:
