@@ -214,37 +214,36 @@ class ProxyLink:
         pool = loop.create_task(self._keep_pool())
         beat = loop.create_task(self._heartbeats(inbox))
         stopper = loop.create_task(stop.wait())
-        decoder = FrameDecoder()
+        reader = loop.create_task(self._read_control(inbox))
         try:
-            while True:
-                reader = loop.create_task(self._next_control_frame(inbox, decoder))
-                done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if stopper in done:
-                    reader.cancel()
-                    return
-                frame = reader.result()
-                if isinstance(frame, Dial):
-                    self._extra += frame.count
-                    self._pool_changed.set()
-                elif not isinstance(frame, Heartbeat):
-                    raise FrameError(f"the proxy sent an unexpected {frame.type} frame")
+            done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                reader.result()  # raises why the link ended
         finally:
             self.connected.clear()
             self._control = None
-            for task in (pool, beat, stopper):
+            for task in (pool, beat, stopper, reader):
                 task.cancel()
+            await asyncio.gather(pool, beat, stopper, reader, return_exceptions=True)
             for idle in list(self._idle_transports):
                 idle.close()
             transport.abort()
 
-    async def _next_control_frame(self, inbox: Inbox, decoder: FrameDecoder) -> object:
-        try:
-            async with asyncio.timeout(self.dead_after):
-                return await read_frame(inbox, decoder)
-        except TimeoutError:
-            raise ConnectionClosed(
-                f"the proxy was silent for {self.dead_after:g} s; reconnecting"
-            ) from None
+    async def _read_control(self, inbox: Inbox) -> None:
+        decoder = FrameDecoder()
+        while True:
+            try:
+                async with asyncio.timeout(self.dead_after):
+                    frame = await read_frame(inbox, decoder)
+            except TimeoutError:
+                raise ConnectionClosed(
+                    f"the proxy was silent for {self.dead_after:g} s; reconnecting"
+                ) from None
+            if isinstance(frame, Dial):
+                self._extra += frame.count
+                self._pool_changed.set()
+            elif not isinstance(frame, Heartbeat):
+                raise FrameError(f"the proxy sent an unexpected {frame.type} frame")
 
     async def _heartbeats(self, inbox: Inbox) -> None:
         while not inbox.closed:
@@ -286,53 +285,44 @@ class ProxyLink:
 
     async def _data_connection(self) -> None:
         """Dial one data connection, wait idle for a session, and hand it over."""
-        counted_idle = False
-        transport: asyncio.Transport | None = None
         try:
-            try:
-                transport, inbox = await self._dial()
-                inbox.write(encode_frame(DataHello(host_id=self.contexts.credentials.host_id)))
-            except (OSError, TimeoutError, PeerRejected, ConnectionClosed) as exc:
-                logger.info("tunnel data connection to %s failed: %s", self.address, exc)
-                await asyncio.sleep(DATA_RETRY_DELAY)
-                return
-            finally:
-                self._dialing -= 1
-            self._idle += 1
-            counted_idle = True
-            self._idle_transports.add(transport)
-            decoder = FrameDecoder()
-            try:
-                frame = await read_frame(inbox, decoder)
-            except (ConnectionClosed, FrameError):
-                transport.abort()
-                return
-            finally:
-                self._idle_transports.discard(transport)
-                self._idle -= 1
-                counted_idle = False
-                if self._extra:
-                    self._extra -= 1
-                self._pool_changed.set()
-            if isinstance(frame, SessionStart):
-                await self.handler.on_session(DataConn(transport, inbox, decoder), frame)
-            elif isinstance(frame, CancelStart):
-                try:
-                    await self.handler.on_cancel(frame)
-                finally:
-                    transport.close()
-            else:
-                logger.warning("proxy %s sent %s on an idle data connection", self.address,
-                               frame.type)
-                transport.abort()
+            transport, inbox = await self._dial()
+            inbox.write(encode_frame(DataHello(host_id=self.contexts.credentials.host_id)))
+        except (OSError, TimeoutError, PeerRejected, ConnectionClosed) as exc:
+            logger.info("tunnel data connection to %s failed: %s", self.address, exc)
+            await asyncio.sleep(DATA_RETRY_DELAY)
+            return
+        finally:
+            self._dialing -= 1
+            self._pool_changed.set()
+        self._idle += 1
+        self._idle_transports.add(transport)
+        decoder = FrameDecoder()
+        try:
+            frame = await read_frame(inbox, decoder)
+        except (ConnectionClosed, FrameError):
+            transport.abort()  # the proxy closed it (or broke it) while idle: replaced
+            return
         except asyncio.CancelledError:
-            if transport is not None and transport in self._idle_transports:
-                transport.abort()
+            transport.abort()
             raise
         finally:
-            if counted_idle:
-                self._idle -= 1
+            self._idle_transports.discard(transport)
+            self._idle -= 1
+            if self._extra:
+                self._extra -= 1
             self._pool_changed.set()
+        if isinstance(frame, SessionStart):
+            await self.handler.on_session(DataConn(transport, inbox, decoder), frame)
+        elif isinstance(frame, CancelStart):
+            try:
+                await self.handler.on_cancel(frame)
+            finally:
+                transport.close()
+        else:
+            logger.warning("proxy %s sent %s on an idle data connection", self.address,
+                           frame.type)
+            transport.abort()
 
 
 class TunnelClient:

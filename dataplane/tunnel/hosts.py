@@ -44,13 +44,22 @@ _NO_CHECK_TIME = 0x200000
 
 @runtime_checkable
 class HostCredentialsLike(Protocol):
-    """This host's credentials from joining the cluster."""
+    """This host's credentials from joining the cluster (read-only)."""
 
-    cluster: str
-    host_id: str
-    cert_pem: bytes
-    key_pem: bytes
-    host_cas: tuple[bytes, ...]
+    @property
+    def cluster(self) -> str: ...
+
+    @property
+    def host_id(self) -> str: ...
+
+    @property
+    def cert_pem(self) -> bytes: ...
+
+    @property
+    def key_pem(self) -> bytes: ...
+
+    @property
+    def host_cas(self) -> tuple[bytes, ...]: ...
 
 
 @runtime_checkable
@@ -176,8 +185,11 @@ class TlsContexts:
         )
 
     def postgres_server(self, bundle: Bundle) -> ssl.SSLContext:
-        """The proxy's PostgreSQL side: a client certificate from a user CA of the bundle in
-        force is required (expiry is left to `verify_identity`, which explains it)."""
+        """The proxy's PostgreSQL side: a client certificate, when presented, must chain to a
+        user CA of the bundle in force. OpenSSL leaves two checks to the proxy, which then
+        answers with a postgres error psql prints instead of a bare TLS failure: that there
+        is a certificate at all (optional here, required by the frontend) and expiry
+        (`verify_identity` refuses it with the date and what to run)."""
         creds = self._credentials
         user_cas = tuple(pem.encode() for pem in bundle.cas.user)
         if not user_cas:
@@ -187,7 +199,7 @@ class TlsContexts:
             )
 
         def build() -> ssl.SSLContext:
-            ctx = server_context(creds.cert_pem, creds.key_pem, list(user_cas), "required")
+            ctx = server_context(creds.cert_pem, creds.key_pem, list(user_cas), "optional")
             ctx.verify_flags = ssl.VerifyFlags(int(ctx.verify_flags) | _NO_CHECK_TIME)
             return ctx
 

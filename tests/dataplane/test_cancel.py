@@ -1,0 +1,104 @@
+"""Query cancel end to end: psql's Ctrl-C, keys the proxy issued, wrong keys cancel nothing."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from dataplane.postgres import messages as pm
+from tests.dataplane import rawclient
+from tests.dataplane.conftest import DataPath
+from tests.fixtures.pg import PSQL_DEFAULTS, client_env
+
+pytestmark = pytest.mark.slow
+
+
+def wait_running(path: DataPath, pattern: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    sql = (
+        "select count(*) from pg_stat_activity where state = 'active' "
+        f"and query like '{pattern}%'"
+    )
+    while time.monotonic() < deadline:
+        if path.pg.server.psql_admin(sql).strip() != "0":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no running query like {pattern!r}")
+
+
+def test_psql_ctrl_c_cancels_a_running_query_within_a_second(path: DataPath) -> None:
+    dsn = path.dsn(path.cert("alice"), "alice", "main")
+    proc = subprocess.Popen(
+        ["psql", *PSQL_DEFAULTS, "-c", "select pg_sleep(30)", "-d", dsn],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(),
+    )
+    try:
+        wait_running(path, "select pg_sleep(30)")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "canceling statement due to user request" in stderr
+    assert elapsed < 1.0, f"psql took {elapsed:.2f} s to come back"
+
+
+def test_the_proxy_issues_its_own_random_keys(path: DataPath) -> None:
+    one = rawclient.connect(path.web_port, path.cert("alice"), path.pki.host_ca_file, "alice",
+                            "main")
+    two = rawclient.connect(path.web_port, path.cert("alice"), path.pki.host_ca_file, "alice",
+                            "main")
+    try:
+        assert one.key is not None and two.key is not None
+        server_pids = [
+            next(r for r in s.query("select pg_backend_pid()") if isinstance(r, pm.DataRow))
+            for s in (one, two)
+        ]
+        real = {int(row.values[0] or b"0") for row in server_pids}  # type: ignore[attr-defined]
+        assert one.key.process_id not in real and two.key.process_id not in real
+        assert (one.key.process_id, one.key.secret_key) != (two.key.process_id,
+                                                            two.key.secret_key)
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_wrong_key_cancels_nothing_and_the_right_one_cancels(path: DataPath) -> None:
+    session = rawclient.connect(path.web_port, path.cert("alice"), path.pki.host_ca_file,
+                                "alice", "main")
+    try:
+        assert session.key is not None
+        pid, secret = session.key.process_id, session.key.secret_key
+        session.send(pm.Query("select pg_sleep(1.5), 'finished'"))
+        wait_running(path, "select pg_sleep(1.5)")
+        rawclient.send_cancel(path.web_port, pid, secret ^ 1)  # right pid, wrong secret
+        rawclient.send_cancel(path.web_port, pid ^ 0x5A5A, secret)  # unknown pid
+        messages = []
+        while True:
+            message = session.read_message()
+            messages.append(message)
+            if isinstance(message, pm.ReadyForQuery):
+                break
+        assert not any(isinstance(m, pm.ErrorResponse) for m in messages), messages
+        assert any(isinstance(m, pm.DataRow) for m in messages)
+
+        session.send(pm.Query("select pg_sleep(30)"))
+        wait_running(path, "select pg_sleep(30)")
+        started = time.monotonic()
+        rawclient.send_cancel(path.web_port, pid, secret)
+        while True:
+            message = session.read_message()
+            if isinstance(message, pm.ErrorResponse):
+                assert message.sqlstate == "57014"
+                assert message.message == "canceling statement due to user request"
+            if isinstance(message, pm.ReadyForQuery):
+                break
+        assert time.monotonic() - started < 1.0
+        assert any(True for _ in session.query("select 1"))  # the session goes on
+    finally:
+        session.close()
