@@ -1,0 +1,823 @@
+"""The control plane's audit log: events from agents and proxies, deduplicated, hash-chained.
+
+Layout, under `<data_dir>/audit/` (directory 0700, files 0600: queries can hold secrets):
+
+    2024-05-01.jsonl   one record per line, in the order the control plane received them
+    HEAD.json          {"seq", "hash", "file"} of the last record written (rewritten per batch)
+    *.torn-<time>      bytes cut from the end of a file at start (a write a crash interrupted)
+
+A record is the canonical JSON (`schemas.bundle.canonical_json`) of
+
+    {"seq": n, "prev": "<hash of record n-1>", "received": "<UTC time>", "from": "<host id>",
+     "event": {...}, "hash": "<sha256 hex>"}
+
+where `hash` is the SHA-256 of the canonical JSON of the record without `hash`: the sequence
+number, the link to the previous record, the arrival time, the authenticated sender and the
+event. `seq` starts at 1 and the first `prev` is 64 zeros. The chain runs across day files:
+the first record of a day links to the last record of the file before it. `from` is the host
+id the sender's certificate proved (so an agent cannot pass its events off as another's).
+
+Files are by *arrival* day (the control plane's UTC clock), not by event time: a file is
+only ever appended to, in chain order, so an event an agent spooled for two days goes into
+today's file. `search(since=T)` therefore reads the files from the day before T's day on
+(arrival is never before the event, give or take clock skew) and filters on event time.
+
+Duplicates are dropped by event id, within a batch and against every id received in the
+last `dedupe_window` (7 days by default) of files, an index rebuilt from the files at start:
+a batch re-sent after a control plane restart (its acknowledgement lost) is recognised.
+Memory: about 100 bytes per event id in the window.
+
+Durability: `append` returns only after the batch's lines are fsynced; concurrent callers
+(threads, or coroutines through `asyncio.to_thread`) share one write and one fsync (group
+commit). At start a torn tail of the newest file (no final newline, or not JSON: a write the
+crash cut, never acknowledged) is moved to a `.torn-<time>` file beside it and cut off, with
+a warning; the chain never continues over it. If HEAD.json is ahead of the files (records
+at the end were removed), the chain continues from HEAD's seq and hash, so that `verify`
+keeps showing the gap.
+
+`verify_log(directory)` re-reads everything and reports the first problems as
+`file:line: what is wrong`: an altered or re-formatted line, a removed line, reordered lines,
+a removed day file, records missing at the end (against HEAD.json). It never repairs.
+
+This module never rewrites or deletes a record, never logs event contents, and never
+acknowledges a batch that is not on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from control.files import PRIVATE, ensure_dir, write_atomic
+from schemas.api import AuditAck, AuditBatch
+from schemas.audit import AuditEvent, parse_event
+from schemas.bundle import canonical_json
+from transport.http import ApiError, Handler, Request, Response, json_response
+
+log = logging.getLogger("teleport.control.audit")
+
+GENESIS = "0" * 64
+HEAD_FILE = "HEAD.json"
+DEFAULT_DEDUPE_WINDOW = timedelta(days=7)
+# Arrival may precede an event's own time by this much (agents' clocks run ahead).
+CLOCK_SKEW = timedelta(days=1)
+_DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
+_RECORD_KEYS = frozenset({"seq", "prev", "received", "from", "event", "hash"})
+
+
+class AuditStoreError(Exception):
+    """The audit log cannot be written; the message says where and what to check."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of `record` without its `hash` key."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def day_file_name(day: date) -> str:
+    return f"{day.isoformat()}.jsonl"
+
+
+def day_files(directory: Path) -> list[tuple[date, Path]]:
+    """The day files in `directory`, oldest first."""
+    found = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        m = _DAY_FILE.match(name)
+        if m is None:
+            continue
+        try:
+            found.append((date.fromisoformat(m.group(1)), directory / name))
+        except ValueError:
+            continue
+    found.sort()
+    return found
+
+
+@dataclass(frozen=True)
+class Head:
+    seq: int
+    hash: str
+    file: str
+
+
+def read_head(directory: Path) -> Head | None:
+    """HEAD.json, or None when there is none or it cannot be read as one."""
+    try:
+        data = json.loads((directory / HEAD_FILE).read_bytes())
+        return Head(int(data["seq"]), str(data["hash"]), str(data["file"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _parse_record(line: bytes) -> dict[str, Any] | None:
+    """A record's fields if `line` is a JSON object with every record key, else None."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or not record.keys() >= _RECORD_KEYS:
+        return None
+    if not isinstance(record["seq"], int) or not isinstance(record["event"], dict):
+        return None
+    return record
+
+
+# --- the store -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """One caller's batch waiting for the group write."""
+
+    entries: list[tuple[str, bytes]]  # (event id, canonical event JSON)
+    sender: str
+    done: bool = False
+    accepted: int = 0
+    duplicates: int = 0
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Repair:
+    """A torn tail cut from a file at start."""
+
+    path: Path
+    line: int
+    nbytes: int
+    saved_to: Path
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}:{self.line}: {self.nbytes} byte(s) of an unfinished write were cut "
+            f"(saved to {self.saved_to.name}); that batch was never acknowledged, its sender "
+            "sends it again"
+        )
+
+
+class AuditStore:
+    """The audit log in `directory` (`<data_dir>/audit`), open for appending.
+
+    `append(events, sender)` -> (accepted, duplicates); `search(...)`; `verify()`; `close()`.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        dedupe_window: timedelta = DEFAULT_DEDUPE_WINDOW,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.directory = Path(directory)
+        self.dedupe_window = dedupe_window
+        self.clock = clock
+        self.repairs: list[Repair] = []
+        self._seq = 0
+        self._hash = GENESIS
+        self._day: date | None = None
+        self._fd: int | None = None
+        self._ids: dict[date, set[str]] = {}
+        self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._closed = False
+        self._broken: str | None = None
+        try:
+            ensure_dir(self.directory)
+            self._open()
+        except OSError as exc:
+            raise AuditStoreError(
+                f"cannot open the audit log in {self.directory}: {exc.strerror or exc}; check "
+                "that the directory is writable by the control plane"
+            ) from None
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    @property
+    def last_hash(self) -> str:
+        return self._hash
+
+    def known_ids(self) -> int:
+        """How many event ids the duplicate index holds now."""
+        return sum(len(ids) for ids in self._ids.values())
+
+    def _open(self) -> None:
+        files = day_files(self.directory)
+        today = self.clock().astimezone(UTC).date()
+        oldest = today - timedelta(days=max(self.dedupe_window.days, 0))
+        last: dict[str, Any] | None = None
+        last_path = ""
+        for index, (day, path) in enumerate(files):
+            newest = index == len(files) - 1
+            in_window = day >= oldest
+            if not (newest or in_window):
+                continue
+            ids = self._ids.setdefault(day, set()) if in_window else None
+            scan = _scan_file(path, ids)
+            for number in scan.bad_lines:
+                log.error(
+                    "%s:%d is not an audit record (altered or corrupted); run `tctl audit "
+                    "verify`", path, number,
+                )
+            if newest and scan.good_bytes < scan.size:
+                self._cut_torn_tail(path, scan.good_bytes, scan.good_lines + 1)
+            if scan.last is not None:
+                last, last_path = scan.last, path.name
+        if last is None:
+            # The newest file may be empty (a torn first write); look further back.
+            for _day, path in reversed(files):
+                last = _scan_file(path, None).last
+                if last is not None:
+                    last_path = path.name
+                    break
+        if last is not None:
+            self._seq, self._hash = last["seq"], str(last["hash"])
+        head = read_head(self.directory)
+        if head is not None and head.seq > self._seq:
+            log.error(
+                "the audit log ends at seq %d but %s says seq %d was written: records at the "
+                "end were removed; continuing the chain from seq %d so that `tctl audit "
+                "verify` shows the gap",
+                self._seq, self.directory / HEAD_FILE, head.seq, head.seq,
+            )
+            self._seq, self._hash = head.seq, head.hash
+        elif last is not None and (head is None or head.seq < self._seq):
+            if head is None:
+                log.warning(
+                    "%s is missing: written again from the last record (seq %d); whether "
+                    "records after it were removed can no longer be told",
+                    self.directory / HEAD_FILE, self._seq,
+                )
+            self._write_head(self._seq, self._hash, last_path)
+        if files:
+            log.info(
+                "audit log %s: %d day file(s), last seq %d, %d event id(s) in the duplicate "
+                "index", self.directory, len(files), self._seq, self.known_ids(),
+            )
+
+    def _cut_torn_tail(self, path: Path, keep: int, line: int) -> None:
+        with path.open("rb") as f:
+            f.seek(keep)
+            torn = f.read()
+        saved = path.with_name(f"{path.name}.torn-{time.time_ns()}")
+        fd = os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
+        try:
+            os.write(fd, torn)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, keep)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.directory)
+        repair = Repair(path, line, len(torn), saved)
+        self.repairs.append(repair)
+        log.warning("audit log repaired at start: %s", repair)
+
+    # -- appending ---------------------------------------------------------------------------
+
+    def append(self, events: Sequence[AuditEvent], sender: str = "") -> tuple[int, int]:
+        """Store `events` in order, skipping ids already stored: (accepted, duplicates).
+
+        Returns once the accepted events are on disk (fsynced). Thread-safe; concurrent
+        calls are written together. Raises `AuditStoreError` when the log cannot be written
+        (nothing of this batch is then acknowledged or kept), `ValueError` for an event that
+        cannot be stored as UTF-8 JSON.
+        """
+        entries = []
+        for event in events:
+            body = event.model_dump(mode="json")
+            try:
+                entries.append((event.id, canonical_json(body)))
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"event {event.id} holds text that is not valid Unicode (a lone "
+                    "surrogate); the sender must replace it before sending"
+                ) from None
+        pending = _Pending(entries, sender)
+        with self._queue_lock:
+            self._queue.append(pending)
+        with self._write_lock:
+            if not pending.done:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._write_group(group)
+        if pending.error is not None:
+            raise pending.error
+        return pending.accepted, pending.duplicates
+
+    def _write_group(self, group: list[_Pending]) -> None:
+        """Write every pending batch of `group` with one fsync (holding the write lock)."""
+        try:
+            self._write_group_now(group)
+        except BaseException as exc:
+            error: BaseException = exc
+            if isinstance(exc, OSError):
+                error = AuditStoreError(
+                    f"cannot write the audit log in {self.directory}: {exc.strerror or exc}; "
+                    "check free space and permissions"
+                )
+            for pending in group:
+                pending.accepted = pending.duplicates = 0
+                pending.error = error
+        finally:
+            for pending in group:
+                pending.done = True
+
+    def _write_group_now(self, group: list[_Pending]) -> None:
+        if self._closed:
+            raise AuditStoreError(f"the audit log in {self.directory} is closed")
+        if self._broken is not None:
+            raise AuditStoreError(self._broken)
+        now = self.clock().astimezone(UTC)
+        day = now.date()
+        received = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
+        seen_now: set[str] = set()
+        seq, prev = self._seq, self._hash
+        lines: list[bytes] = []
+        for pending in group:
+            for event_id, event_json in pending.entries:
+                if event_id in seen_now or self._is_known(event_id):
+                    pending.duplicates += 1
+                    continue
+                seen_now.add(event_id)
+                seq += 1
+                line, prev = _record_line(seq, prev, received, pending.sender, event_json)
+                lines.append(line)
+                pending.accepted += 1
+        if not lines:
+            return
+        self._write_lines(day, lines)
+        self._seq, self._hash = seq, prev
+        self._ids.setdefault(day, set()).update(seen_now)
+        self._forget_old(day)
+        try:
+            self._write_head(seq, prev, day_file_name(day))
+        except OSError as exc:
+            # The records are on disk and chained: acknowledge them. HEAD only lags (the
+            # next batch rewrites it); verify then notes records after HEAD.
+            log.error("cannot update %s: %s", self.directory / HEAD_FILE, exc)
+
+    def _write_head(self, seq: int, digest: str, file: str) -> None:
+        head = {"seq": seq, "hash": digest, "file": file}
+        write_atomic(self.directory / HEAD_FILE, json.dumps(head).encode(), PRIVATE)
+
+    def _is_known(self, event_id: str) -> bool:
+        return any(event_id in ids for ids in self._ids.values())
+
+    def _forget_old(self, today: date) -> None:
+        oldest = today - timedelta(days=max(self.dedupe_window.days, 0))
+        for day in [d for d in self._ids if d < oldest]:
+            del self._ids[day]
+
+    def _write_lines(self, day: date, lines: list[bytes]) -> None:
+        """Append `lines` to `day`'s file and fsync; on failure cut what was written."""
+        path = self.directory / day_file_name(day)
+        if self._fd is None or self._day != day:
+            self._close_fd()
+            created = not path.exists()
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
+            self._day = day
+            if created:
+                _fsync_dir(self.directory)
+        fd = self._fd
+        start = os.fstat(fd).st_size
+        data = b"".join(lines)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fdatasync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+            except OSError as exc:
+                self._broken = (
+                    f"the audit log {path} could not be written and the partial write could "
+                    f"not be cut ({exc.strerror or exc}); restart the control plane: it "
+                    "repairs the file at start"
+                )
+                log.critical("%s", self._broken)
+            raise
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+            self._day = None
+
+    def close(self) -> None:
+        """Wait for a write in progress, then close; later appends raise AuditStoreError."""
+        with self._write_lock:
+            self._closed = True
+            self._close_fd()
+
+    def __enter__(self) -> AuditStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def search(
+        self,
+        type: str | None = None,
+        user: str | None = None,
+        db: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[AuditEvent]:
+        return search_log(self.directory, type, user, db, since, until, limit)
+
+    def verify(self) -> VerifyReport:
+        return verify_log(self.directory)
+
+
+def _record_line(
+    seq: int, prev: str, received: str, sender: str, event_json: bytes
+) -> tuple[bytes, str]:
+    """The canonical JSON line of one record (with its newline) and the record's hash.
+
+    Built by hand for speed, keys in sorted order (event, from, hash, prev, received, seq)
+    and the event already canonical: the same bytes `canonical_json` gives for the record.
+    """
+    sender_json = json.dumps(sender, ensure_ascii=False).encode()
+    tail = b',"prev":"' + prev.encode() + b'","received":' + json.dumps(received).encode() \
+        + b',"seq":' + str(seq).encode() + b"}"
+    head = b'{"event":' + event_json + b',"from":' + sender_json
+    digest = hashlib.sha256(head + tail).hexdigest()
+    return head + b',"hash":"' + digest.encode() + b'"' + tail + b"\n", digest
+
+
+@dataclass
+class _Scan:
+    size: int = 0
+    good_bytes: int = 0  # the end of the last complete record line
+    good_lines: int = 0
+    last: dict[str, Any] | None = None
+    bad_lines: list[int] = field(default_factory=list)  # not records, before the last good
+
+
+def _scan_file(path: Path, ids: set[str] | None) -> _Scan:
+    """Read `path` line by line: the last record, where the good part ends, the event ids."""
+    scan = _Scan()
+    pending_bad: list[int] = []
+    offset = 0
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            offset += len(line)
+            record = _parse_record(line) if line.endswith(b"\n") else None
+            if record is None:
+                pending_bad.append(number)
+                continue
+            scan.bad_lines += pending_bad
+            pending_bad = []
+            scan.good_bytes, scan.good_lines, scan.last = offset, number, record
+            if ids is not None:
+                event_id = record["event"].get("id")
+                if isinstance(event_id, str):
+                    ids.add(event_id)
+    scan.size = offset
+    return scan
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- verification --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogProblem:
+    """Where the log is not what was written, and why."""
+
+    path: Path
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    directory: Path
+    files: int = 0
+    records: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    problems: list[LogProblem] = field(default_factory=list)
+    problem_count: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+    def add(self, path: Path, line: int, message: str, limit: int) -> None:
+        self.problem_count += 1
+        if len(self.problems) < limit:
+            self.problems.append(LogProblem(path, line, message))
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line without its newline, whether it had one) for each line."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if raw.endswith(b"\n"):
+                yield number, raw[:-1], True
+            else:
+                yield number, raw, False
+
+
+def verify_log(directory: Path, max_problems: int = 100) -> VerifyReport:
+    """Check every record of the log in `directory`: its form, its hash, its place in the
+    chain, its file; and the end of the log against HEAD.json. Never modifies anything."""
+    directory = Path(directory)
+    report = VerifyReport(directory)
+    head = read_head(directory)
+    files = day_files(directory)
+    report.files = len(files)
+    expected_seq: int | None = None
+    expected_prev: str | None = None
+    previous: tuple[Path, int] | None = None  # file and line of the record before
+    hash_at_head: str | None = None
+
+    def problem(path: Path, line: int, message: str) -> None:
+        report.add(path, line, message, max_problems)
+
+    for file_index, (day, path) in enumerate(files):
+        last_file = file_index == len(files) - 1
+        try:
+            for number, line, complete in _lines(path):
+                if not complete:
+                    if last_file and (head is None or (report.last_seq or 0) >= head.seq):
+                        report.notes.append(
+                            f"{path.name}:{number}: an unfinished line after the last "
+                            "acknowledged record (a write in progress, or one a crash cut: "
+                            "the control plane cuts it at its next start)"
+                        )
+                    else:
+                        problem(path, number, "the line has no end (no newline): the file "
+                                "was cut or the line altered")
+                    break
+                record = _parse_record(line)
+                if record is None:
+                    problem(path, number, "is not an audit record (not JSON, or fields are "
+                            "missing): the line was altered or the file corrupted")
+                    expected_seq = expected_prev = None
+                    previous = (path, number)
+                    continue
+                seq, stated = record["seq"], record["hash"]
+                report.records += 1
+                if report.first_seq is None:
+                    report.first_seq = seq
+                    if seq == 1 and record["prev"] != GENESIS:
+                        problem(path, number, "the first record (seq 1) does not start the "
+                                "chain (its prev is not 64 zeros)")
+                    elif seq > 1:
+                        report.notes.append(
+                            f"the log starts at seq {seq} in {path.name}: the records before "
+                            "it (older day files) are not here, removed by retention or by hand"
+                        )
+                report.last_seq = seq
+                why = _record_problems(record, line, day, expected_seq, expected_prev,
+                                       previous, number == 1 and file_index > 0)
+                if why:
+                    problem(path, number, "; ".join(why))
+                if head is not None and seq == head.seq:
+                    hash_at_head = stated
+                expected_seq, expected_prev = seq + 1, stated
+                previous = (path, number)
+        except OSError as exc:
+            problem(path, 0, f"cannot be read: {exc.strerror or exc}")
+            expected_seq = expected_prev = None
+    end = previous or (directory / HEAD_FILE, 1)
+    if report.last_seq is None:
+        if head is not None and head.seq > 0:
+            problem(directory / HEAD_FILE, 1, f"{HEAD_FILE} records seq {head.seq} as written "
+                    "but there are no records: the day files were removed")
+    elif head is None:
+        problem(end[0], end[1], f"{HEAD_FILE} is missing, so the end of the log cannot be "
+                "checked: it was removed (the control plane writes it with every batch)")
+    elif head.seq > report.last_seq:
+        problem(end[0], end[1], f"the log ends at seq {report.last_seq} but {HEAD_FILE} "
+                f"records seq {head.seq} as written: the last {head.seq - report.last_seq} "
+                "record(s) were removed")
+    elif hash_at_head is not None and hash_at_head != head.hash:
+        problem(directory / HEAD_FILE, 1, f"the record with seq {head.seq} is not the one "
+                f"{HEAD_FILE} says was written: it was replaced")
+    elif head.seq < report.last_seq:
+        report.notes.append(
+            f"{report.last_seq - head.seq} record(s) after seq {head.seq}, the last one "
+            f"{HEAD_FILE} confirms: a write in progress, or the control plane stopped before "
+            "confirming it"
+        )
+    for torn in sorted(directory.glob("*.jsonl.torn-*")):
+        report.notes.append(
+            f"{torn.name}: bytes cut from the end of a day file at a start after a crash "
+            "(a write that was never acknowledged)"
+        )
+    return report
+
+
+def _record_problems(
+    record: dict[str, Any],
+    line: bytes,
+    day: date,
+    expected_seq: int | None,
+    expected_prev: str | None,
+    previous: tuple[Path, int] | None,
+    starts_file: bool,
+) -> list[str]:
+    """What is wrong with one record in its place, in words."""
+    why: list[str] = []
+    seq = record["seq"]
+    if canonical_json(record) != line:
+        why.append("the line is not in the form the control plane writes: it was edited")
+    if record_hash(record) != record["hash"]:
+        why.append("its hash does not match its content: the record was altered")
+    where = f"{previous[0].name}:{previous[1]}" if previous else "the line before"
+    if expected_seq is not None and seq > expected_seq:
+        missing = seq - expected_seq
+        if starts_file:
+            why.append(
+                f"seq {seq} follows seq {expected_seq - 1} (the end of {where}): {missing} "
+                "record(s) are missing: a day file between them was removed, or the end of "
+                "the previous file was cut"
+            )
+        else:
+            why.append(f"seq {seq} follows seq {expected_seq - 1} ({where}): {missing} "
+                       "record(s) before this line were removed")
+    elif expected_seq is not None and seq < expected_seq:
+        why.append(f"seq {seq} where seq {expected_seq} was expected (after {where}): records "
+                   "were reordered or copied")
+    elif expected_prev is not None and record["prev"] != expected_prev:
+        why.append(f"it does not link to the record before it ({where}): that record was "
+                   "replaced")
+    received = record["received"]
+    if not (isinstance(received, str) and received.startswith(day.isoformat())):
+        why.append(f"it was received on {str(received)[:10]} but is in the file of "
+                   f"{day.isoformat()}: it was moved between files")
+    return why
+
+
+# --- search --------------------------------------------------------------------------------
+
+
+def _event_time(event: dict[str, Any]) -> datetime | None:
+    text = event.get("time")
+    if not isinstance(text, str):
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """A time without a zone is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def type_matches(pattern: str, event_type: str) -> bool:
+    """`db.session.query` matches itself; `db.session.postgres` (a dotted prefix) matches
+    every `db.session.postgres.*` type."""
+    return event_type == pattern or event_type.startswith(pattern.rstrip(".") + ".")
+
+
+def iter_events(
+    directory: Path, since: datetime | None = None
+) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """(file, line, event as stored) for every record whose day file may hold events from
+    `since` on; lines that are not records are skipped (verify reports them)."""
+    first_day = (since - CLOCK_SKEW).astimezone(UTC).date() if since is not None else None
+    for day, path in day_files(Path(directory)):
+        if first_day is not None and day < first_day:
+            continue
+        try:
+            with path.open("rb") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.endswith(b"\n"):
+                        break
+                    record = _parse_record(line)
+                    if record is not None:
+                        yield path, number, record["event"]
+        except FileNotFoundError:
+            continue
+
+
+def search_log(
+    directory: Path,
+    type: str | None = None,
+    user: str | None = None,
+    db: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int | None = None,
+) -> list[AuditEvent]:
+    """Events in log order whose type matches `type` (exactly or as a dotted prefix), whose
+    user is `user`, whose db service is `db`, and whose time is in [since, until]; at most
+    `limit` of them (the first ones)."""
+    found: list[AuditEvent] = []
+    if limit is not None and limit <= 0:
+        return found
+    since = _aware(since)
+    until = _aware(until)
+    for path, number, event in iter_events(directory, since):
+        if type is not None and not type_matches(type, str(event.get("type", ""))):
+            continue
+        if user is not None and event.get("user") != user:
+            continue
+        if db is not None and event.get("db_service") != db:
+            continue
+        if since is not None or until is not None:
+            when = _event_time(event)
+            if when is None:
+                continue
+            if since is not None and when < since:
+                continue
+            if until is not None and when > until:
+                continue
+        try:
+            found.append(parse_event(event))
+        except pydantic.ValidationError:
+            log.warning("%s:%d holds an event this version cannot read; skipped", path, number)
+            continue
+        if limit is not None and len(found) >= limit:
+            break
+    return found
+
+
+# --- the API endpoint ----------------------------------------------------------------------
+
+
+def audit_events_handler(
+    store: AuditStore, authenticate: Callable[[Request], str]
+) -> Handler:
+    """The handler of `POST /v1/audit/events` (AuditBatch -> AuditAck).
+
+    `authenticate(request)` returns the calling host's id (proven by its certificate) or
+    raises `ApiError` (401/403). The batch is stored before the answer is sent; a store that
+    cannot write answers 503, so that the sender keeps its events and retries.
+    """
+
+    async def handle(request: Request) -> Response:
+        sender = authenticate(request)
+        batch = request.json(AuditBatch)
+        try:
+            accepted, duplicates = await asyncio.to_thread(store.append, batch.events, sender)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_event", str(exc)) from None
+        except AuditStoreError as exc:
+            log.error("audit batch from %s not stored: %s", sender, exc)
+            raise ApiError(
+                503, "audit_store_unavailable",
+                "the control plane cannot write its audit log now; keep the events and "
+                "send them again later",
+            ) from None
+        return json_response(AuditAck(accepted=accepted, duplicates=duplicates))
+
+    return handle

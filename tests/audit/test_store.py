@@ -1,0 +1,474 @@
+"""The control plane's audit store: dedupe, the hash chain across days, tamper detection with
+file:line, torn writes, concurrent appends, search, and the HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from control.audit_store import (
+    GENESIS,
+    HEAD_FILE,
+    AuditStore,
+    AuditStoreError,
+    record_hash,
+    search_log,
+    verify_log,
+)
+from schemas.audit import Outcome
+from schemas.bundle import canonical_json
+from tests.audit.conftest import (
+    AUDIT_PATH,
+    AuditEndpoint,
+    Clock,
+    numbered_events,
+    query_event,
+    session_end,
+    session_start,
+)
+from transport.http import HttpClient
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def write_lines(path: Path, lines: list[bytes]) -> None:
+    path.write_bytes(b"".join(lines))
+
+
+def only_file(directory: Path) -> Path:
+    (path,) = sorted(directory.glob("*.jsonl"))
+    return path
+
+
+def three_days(directory: Path) -> tuple[list[Path], Clock]:
+    """Five records a day on 2024-05-01, 02 and 03."""
+    clock = Clock()
+    with AuditStore(directory, clock=clock) as store:
+        for _ in range(3):
+            store.append(numbered_events(5))
+            clock.advance(days=1)
+    return sorted(directory.glob("*.jsonl")), clock
+
+
+# -- appending and the chain ---------------------------------------------------------------
+
+
+def test_records_are_canonical_chained_and_verify(tmp_path: Path) -> None:
+    events = numbered_events(3)
+    with AuditStore(tmp_path, clock=Clock()) as store:
+        assert store.append(events, "agent-7") == (3, 0)
+    path = only_file(tmp_path)
+    assert path.name == "2024-05-01.jsonl"
+    assert path.stat().st_mode & 0o777 == 0o600
+    records = [json.loads(line) for line in lines_of(path)]
+    assert [r["seq"] for r in records] == [1, 2, 3]
+    assert records[0]["prev"] == GENESIS
+    for before, record, line in zip([None, *records], records, lines_of(path), strict=False):
+        assert canonical_json(record) + b"\n" == line
+        assert record["hash"] == record_hash(record)
+        assert record["from"] == "agent-7"
+        if before is not None:
+            assert record["prev"] == before["hash"]
+    assert [r["event"]["id"] for r in records] == [e.id for e in events]
+    head = json.loads((tmp_path / HEAD_FILE).read_text())
+    assert head == {"seq": 3, "hash": records[-1]["hash"], "file": "2024-05-01.jsonl"}
+    report = verify_log(tmp_path)
+    assert report.ok and report.records == 3 and report.notes == []
+
+
+def test_duplicates_are_dropped_within_a_batch_and_across_batches(tmp_path: Path) -> None:
+    a, b, c = numbered_events(3)
+    with AuditStore(tmp_path) as store:
+        assert store.append([a, b, a]) == (2, 1)
+        assert store.append([b, c, c]) == (1, 2)
+        assert store.append([]) == (0, 0)
+        assert store.last_seq == 3
+    ids = [e.id for e in search_log(tmp_path)]
+    assert ids == [a.id, b.id, c.id]
+
+
+def test_a_batch_sent_again_after_a_restart_is_recognised(tmp_path: Path) -> None:
+    batch = numbered_events(50)
+    with AuditStore(tmp_path) as store:
+        store.append(batch[:30])
+    with AuditStore(tmp_path) as store:
+        assert store.known_ids() == 30
+        # The agent never got the answer to its first try: it sends the whole batch again.
+        assert store.append(batch) == (20, 30)
+        assert store.last_seq == 50
+    assert len(search_log(tmp_path)) == 50
+    assert verify_log(tmp_path).ok
+
+
+def test_ids_are_remembered_for_the_window_only(tmp_path: Path) -> None:
+    clock = Clock()
+    event = query_event()
+    with AuditStore(tmp_path, clock=clock, dedupe_window=timedelta(days=7)) as store:
+        store.append([event])
+    clock.advance(days=7)
+    with AuditStore(tmp_path, clock=clock, dedupe_window=timedelta(days=7)) as store:
+        assert store.append([event]) == (0, 1)
+    clock.advance(days=1)
+    with AuditStore(tmp_path, clock=clock, dedupe_window=timedelta(days=7)) as store:
+        assert store.known_ids() == 0
+        assert store.append([event]) == (1, 0)  # documented: beyond the window, stored again
+
+
+def test_days_are_arrival_days_and_the_chain_runs_across_them(tmp_path: Path) -> None:
+    files, _ = three_days(tmp_path)
+    assert [p.name for p in files] == ["2024-05-01.jsonl", "2024-05-02.jsonl", "2024-05-03.jsonl"]
+    last_of_first = json.loads(lines_of(files[0])[-1])
+    first_of_second = json.loads(lines_of(files[1])[0])
+    assert first_of_second["prev"] == last_of_first["hash"]
+    assert first_of_second["seq"] == 6
+    report = verify_log(tmp_path)
+    assert report.ok, report.problems
+    assert (report.files, report.records, report.first_seq, report.last_seq) == (3, 15, 1, 15)
+
+
+def test_an_event_spooled_for_days_goes_into_the_day_it_arrives(tmp_path: Path) -> None:
+    clock = Clock()
+    old = query_event("select 'late'", time=clock.now - timedelta(days=3))
+    with AuditStore(tmp_path, clock=clock) as store:
+        store.append([old])
+    assert only_file(tmp_path).name == "2024-05-01.jsonl"
+    found = search_log(tmp_path, since=clock.now - timedelta(days=4))
+    assert [e.id for e in found] == [old.id]
+    assert search_log(tmp_path, since=clock.now - timedelta(days=2)) == []
+
+
+def test_concurrent_appends_keep_one_chain(tmp_path: Path) -> None:
+    batches = [numbered_events(10) for _ in range(100)]
+    results: list[tuple[int, int]] = []
+    store = AuditStore(tmp_path)
+    barrier = threading.Barrier(20)
+
+    def worker(mine: list[list]) -> None:
+        barrier.wait()
+        for batch in mine:
+            results.append(store.append(batch, "agent-1"))
+            results.append(store.append(batch[:3], "agent-1"))  # a re-send, concurrently
+
+    threads = [threading.Thread(target=worker, args=(batches[i::20],)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+    assert sum(a for a, _ in results) == 1000
+    assert sum(d for _, d in results) == 300
+    report = verify_log(tmp_path)
+    assert report.ok, report.problems
+    assert report.records == 1000 and report.last_seq == 1000
+    stored = [e.id for e in search_log(tmp_path)]
+    assert len(stored) == len(set(stored)) == 1000
+    # Each batch's events stay together and in order.
+    position = {event_id: i for i, event_id in enumerate(stored)}
+    for batch in batches:
+        places = [position[e.id] for e in batch]
+        assert places == list(range(places[0], places[0] + 10))
+
+
+def test_appends_from_coroutines_through_threads(tmp_path: Path) -> None:
+    store = AuditStore(tmp_path)
+
+    async def main() -> list[tuple[int, int]]:
+        return await asyncio.gather(
+            *(asyncio.to_thread(store.append, numbered_events(5)) for _ in range(40))
+        )
+
+    assert sum(a for a, _ in asyncio.run(main())) == 200
+    store.close()
+    assert verify_log(tmp_path).records == 200
+
+
+def test_a_closed_store_refuses_appends(tmp_path: Path) -> None:
+    store = AuditStore(tmp_path)
+    store.close()
+    with pytest.raises(AuditStoreError, match="closed"):
+        store.append(numbered_events(1))
+
+
+def test_text_that_is_not_unicode_is_refused_not_stored(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store, pytest.raises(ValueError, match="lone surrogate"):
+        store.append([*numbered_events(1), query_event("select '\udc80'")])
+    assert verify_log(tmp_path).records == 0
+
+
+# -- tampering -----------------------------------------------------------------------------
+
+
+def test_an_edited_line_is_found_with_its_file_and_line(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(5))
+    path = only_file(tmp_path)
+    lines = lines_of(path)
+    record = json.loads(lines[2])
+    record["event"]["query"] = "select 'nothing to see'"
+    lines[2] = canonical_json(record) + b"\n"
+    write_lines(path, lines)
+    report = verify_log(tmp_path)
+    assert not report.ok
+    first = report.problems[0]
+    assert (first.path, first.line) == (path, 3)
+    assert str(first).startswith(f"{path}:3: ")
+    assert "hash does not match" in first.message
+    assert report.problem_count == 1
+
+
+def test_an_edit_that_recomputes_the_hash_breaks_the_next_link(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(5))
+    path = only_file(tmp_path)
+    lines = lines_of(path)
+    record = json.loads(lines[1])
+    record["event"]["user"] = "mallory"
+    record["hash"] = record_hash(record)
+    lines[1] = canonical_json(record) + b"\n"
+    write_lines(path, lines)
+    report = verify_log(tmp_path)
+    assert [(p.line, "does not link" in p.message) for p in report.problems] == [(3, True)]
+
+
+def test_a_reformatted_line_is_an_edit(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(2))
+    path = only_file(tmp_path)
+    lines = lines_of(path)
+    lines[0] = json.dumps(json.loads(lines[0]), sort_keys=True).encode() + b"\n"
+    write_lines(path, lines)
+    report = verify_log(tmp_path)
+    assert [p.line for p in report.problems] == [1]
+    assert "not in the form" in report.problems[0].message
+
+
+def test_a_deleted_line_is_found(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(6))
+    path = only_file(tmp_path)
+    lines = lines_of(path)
+    del lines[3]
+    write_lines(path, lines)
+    report = verify_log(tmp_path)
+    assert [str(p) for p in report.problems] == [
+        f"{path}:4: seq 5 follows seq 3 ({path.name}:3): 1 record(s) before this line were "
+        "removed"
+    ]
+
+
+def test_a_deleted_last_line_is_found_against_head(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(4))
+    path = only_file(tmp_path)
+    write_lines(path, lines_of(path)[:-1])
+    report = verify_log(tmp_path)
+    assert [(p.path, p.line) for p in report.problems] == [(path, 3)]
+    assert "ends at seq 3 but HEAD.json records seq 4" in report.problems[0].message
+
+
+def test_a_removed_head_is_reported(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(2))
+    (tmp_path / HEAD_FILE).unlink()
+    report = verify_log(tmp_path)
+    assert not report.ok and "HEAD.json is missing" in report.problems[0].message
+
+
+def test_swapped_lines_are_found(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(5))
+    path = only_file(tmp_path)
+    lines = lines_of(path)
+    lines[1], lines[2] = lines[2], lines[1]
+    write_lines(path, lines)
+    report = verify_log(tmp_path)
+    assert [p.line for p in report.problems] == [2, 3, 4]
+    assert report.problems[0].message.startswith("seq 3 follows seq 1")
+    assert "reordered" in report.problems[1].message
+
+
+def test_a_deleted_day_file_in_the_middle_is_found(tmp_path: Path) -> None:
+    files, _ = three_days(tmp_path)
+    files[1].unlink()
+    report = verify_log(tmp_path)
+    assert [str(p) for p in report.problems] == [
+        f"{files[2]}:1: seq 11 follows seq 5 (the end of 2024-05-01.jsonl:5): 5 record(s) "
+        "are missing: a day file between them was removed, or the end of the previous file "
+        "was cut"
+    ]
+
+
+def test_a_deleted_oldest_day_file_is_a_note_not_a_failure(tmp_path: Path) -> None:
+    files, _ = three_days(tmp_path)
+    files[0].unlink()
+    report = verify_log(tmp_path)
+    assert report.ok
+    assert report.first_seq == 6
+    assert "starts at seq 6 in 2024-05-02.jsonl" in report.notes[0]
+
+
+def test_a_record_moved_to_another_day_file_is_found(tmp_path: Path) -> None:
+    files, _ = three_days(tmp_path)
+    first, second = lines_of(files[0]), lines_of(files[1])
+    write_lines(files[0], first[:-1])
+    write_lines(files[1], [first[-1], *second])
+    report = verify_log(tmp_path)
+    assert [(p.path.name, p.line) for p in report.problems] == [("2024-05-02.jsonl", 1)]
+    assert "moved between files" in report.problems[0].message
+
+
+# -- crashes -------------------------------------------------------------------------------
+
+
+def test_a_torn_last_line_is_cut_at_start_saved_and_never_chained_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, lost = numbered_events(3), numbered_events(2)
+    with AuditStore(tmp_path) as store:
+        store.append(first)
+    path = only_file(tmp_path)
+    good = path.read_bytes()
+    # A crash in the middle of writing a batch: half a line, no newline, no HEAD update.
+    record = json.loads(good.splitlines()[-1])
+    torn = b'{"event":{"agent":"agent-1","client_addr":"127.0.0.1:5'
+    path.write_bytes(good + torn)
+    assert "unfinished line" in verify_log(tmp_path).notes[0]  # before the repair
+    with caplog.at_level(logging.WARNING, logger="teleport.control.audit"):
+        store = AuditStore(tmp_path)
+    assert "unfinished write were cut" in caplog.text
+    (repair,) = store.repairs
+    assert (repair.path, repair.line, repair.nbytes) == (path, 4, len(torn))
+    assert repair.saved_to.read_bytes() == torn
+    assert path.read_bytes() == good
+    assert store.last_seq == 3 and store.last_hash == record["hash"]
+    # The sender never got an answer for that batch and sends it again: stored, chained.
+    assert store.append(lost) == (2, 0)
+    store.close()
+    report = verify_log(tmp_path)
+    assert report.ok and report.records == 5
+    assert any(".torn-" in note for note in report.notes)
+
+
+def test_an_unfinished_line_after_head_is_a_note_while_writing(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(2))
+    path = only_file(tmp_path)
+    path.write_bytes(path.read_bytes() + b'{"event":')
+    report = verify_log(tmp_path)
+    assert report.ok
+    assert "unfinished line" in report.notes[0]
+
+
+def test_records_removed_at_the_end_stay_visible_after_a_restart(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(4))
+    path = only_file(tmp_path)
+    write_lines(path, lines_of(path)[:-2])
+    with AuditStore(tmp_path) as store:
+        assert store.last_seq == 4  # continues after what HEAD confirmed
+        store.append(numbered_events(1))
+    report = verify_log(tmp_path)
+    assert [p.line for p in report.problems] == [3]
+    assert "seq 5 follows seq 2" in report.problems[0].message
+
+
+# -- search --------------------------------------------------------------------------------
+
+
+def test_search_filters(tmp_path: Path) -> None:
+    clock = Clock()
+    t0 = clock.now
+    early = query_event("select 'early'", time=t0 - timedelta(hours=5))
+    alice = query_event("select 'a'", time=t0 - timedelta(hours=1))
+    failed = query_event(
+        "selec 1", user="carol", db_service="local",
+        outcome=Outcome(status="error", sqlstate="42601", message="syntax error"), time=t0,
+    )
+    start, end = session_start(), session_end()
+    with AuditStore(tmp_path, clock=clock) as store:
+        store.append([early, alice, failed, start, end])
+
+    def ids(**kw: object) -> list[str]:
+        return [e.id for e in search_log(tmp_path, **kw)]  # type: ignore[arg-type]
+
+    assert ids() == [early.id, alice.id, failed.id, start.id, end.id]
+    assert ids(type="db.session.query") == [early.id, alice.id, failed.id]
+    assert ids(type="db.session") == [early.id, alice.id, failed.id, start.id, end.id]
+    assert ids(type="db.session.start") == [start.id]
+    assert ids(type="db.sess") == []  # a prefix counts by whole dotted parts
+    assert ids(user="carol") == [failed.id]
+    assert ids(db="local") == [failed.id, start.id, end.id]
+    assert ids(since=t0 - timedelta(hours=2), type="db.session.query") == [alice.id, failed.id]
+    assert ids(until=t0 - timedelta(hours=2)) == [early.id]
+    assert ids(since=datetime(2024, 5, 1, 10, 30), user="alice") == [alice.id]  # naive: UTC
+    assert ids(limit=2) == [early.id, alice.id]
+    assert ids(user="nobody") == []
+
+
+# -- the endpoint --------------------------------------------------------------------------
+
+
+def test_the_endpoint_stores_and_acknowledges(tmp_path: Path) -> None:
+    endpoint = AuditEndpoint(tmp_path, sender="host-42")
+    events = numbered_events(3)
+
+    async def main() -> list[tuple[int, dict]]:
+        await endpoint.start()
+        out = []
+        try:
+            async with HttpClient(endpoint.url) as client:
+                body = {"events": [e.model_dump(mode="json") for e in events]}
+                for payload in (body, body, {"events": [{"type": "db.session.query"}]}):
+                    r = await client.request("POST", AUDIT_PATH, json=payload)
+                    out.append((r.status, r.json()))
+                raw = json.dumps(body).replace("select", "\\udc80select").encode()
+                r = await client.request("POST", AUDIT_PATH, body=raw,
+                                         headers={"content-type": "application/json"})
+                out.append((r.status, r.json()))
+        finally:
+            await endpoint.stop()
+        return out
+
+    (s1, a1), (s2, a2), (s3, a3), (s4, a4) = asyncio.run(main())
+    assert (s1, a1) == (200, {"accepted": 3, "duplicates": 0})
+    assert (s2, a2) == (200, {"accepted": 0, "duplicates": 3})
+    assert s3 == 400 and a3["error"]["code"] == "invalid_request"
+    assert s4 == 400 and a4["error"]["code"] == "invalid_event"
+    assert "lone surrogate" in a4["error"]["message"]
+    stored = [json.loads(line) for line in lines_of(only_file(tmp_path))]
+    assert [r["from"] for r in stored] == ["host-42"] * 3
+
+
+def test_the_endpoint_answers_503_when_the_store_cannot_write(tmp_path: Path) -> None:
+    endpoint = AuditEndpoint(tmp_path)
+
+    async def main() -> tuple[int, dict]:
+        await endpoint.start()
+        assert endpoint.store is not None
+        endpoint.store.close()  # as if the disk went away under it
+        try:
+            async with HttpClient(endpoint.url) as client:
+                body = {"events": [e.model_dump(mode="json") for e in numbered_events(1)]}
+                r = await client.request("POST", AUDIT_PATH, json=body)
+                return r.status, r.json()
+        finally:
+            await endpoint.stop()
+
+    status, body = asyncio.run(main())
+    assert status == 503 and body["error"]["code"] == "audit_store_unavailable"
+
+
+def test_search_reads_a_stored_time_as_utc(tmp_path: Path) -> None:
+    when = datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
+    with AuditStore(tmp_path, clock=Clock()) as store:
+        store.append([query_event(time=when)])
+    (event,) = search_log(tmp_path)
+    assert event.time == when
