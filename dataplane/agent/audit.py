@@ -1,8 +1,8 @@
 """The audit of one session: scanned messages in, typed `schemas.audit` events out.
 
 The relay feeds `SessionRecorder` the messages its `MessageScanner`s found beside the copy:
-from the client Query, Parse, Bind, Execute, Close, FunctionCall (payloads) and Sync
-(reported); from the server CommandComplete, ErrorResponse, FunctionCallResponse,
+from the client Query, Parse, Bind, Execute, Close, FunctionCall (payloads), Sync and
+Terminate (reported); from the server CommandComplete, ErrorResponse, FunctionCallResponse,
 ReadyForQuery (payloads) and ParseComplete, BindComplete, CloseComplete,
 EmptyQueryResponse, PortalSuspended (reported). Requests wait in a queue in the order the
 client sent them; the server answers in that same order, which is how each request gets
@@ -50,7 +50,7 @@ from schemas.audit import (
 logger = logging.getLogger(__name__)
 
 CLIENT_CAPTURE = b"QPBECF"
-CLIENT_REPORT = b"S"
+CLIENT_REPORT = b"SX"
 SERVER_CAPTURE = b"CEVZ"
 SERVER_REPORT = b"123Is"
 
@@ -238,6 +238,7 @@ class SessionRecorder:
         self._portals: OrderedDict[str, tuple[str, list[str | None]]] = OrderedDict()
         self.started = datetime.now(UTC)
         self.fatal_from_server: str | None = None
+        self.client_terminated = False  # the client said goodbye (Terminate)
 
     @property
     def in_flight(self) -> bool:
@@ -303,6 +304,9 @@ class SessionRecorder:
         payload = message.payload or b""
         if code == b"S":
             self._queue(_Request("sync"))
+            return
+        if code == b"X":
+            self.client_terminated = True
             return
         cursor = _Cursor(payload)
         if code == b"Q":

@@ -124,7 +124,7 @@ class PostgresEngine:
         self.databases = databases
         self.connector = connector
         self.audit = audit
-        self.registry = registry or SessionRegistry()
+        self.registry = registry if registry is not None else SessionRegistry()
         self._now = now or (lambda: datetime.now(UTC))
         self.closing = False
         self._ended = asyncio.Event()
@@ -283,9 +283,12 @@ class PostgresEngine:
         if session.expiry_timer is not None:
             session.expiry_timer.cancel()
         if session.recorder is not None:
+            recorder = session.recorder
             end_reason = session.ending or reason or "client disconnected"
-            if not session.ending and session.recorder.fatal_from_server:
-                end_reason = f"the server ended the session: {session.recorder.fatal_from_server}"
+            if not session.ending and recorder.client_terminated:
+                end_reason = "client disconnected"
+            elif not session.ending and recorder.fatal_from_server:
+                end_reason = f"the server ended the session: {recorder.fatal_from_server}"
             session.recorder.session_end(
                 session.relay.bytes_from_client, session.relay.bytes_from_server, end_reason
             )

@@ -36,10 +36,17 @@ PasswordProvider = Callable[[str, str], Awaitable[str | None]]
 
 @runtime_checkable
 class DbClientCertLike(Protocol):
-    cert_pem: bytes
-    key_pem: bytes
-    db_cas: tuple[bytes, ...]
-    expires: datetime
+    @property
+    def cert_pem(self) -> bytes: ...
+
+    @property
+    def key_pem(self) -> bytes: ...
+
+    @property
+    def db_cas(self) -> tuple[bytes, ...]: ...
+
+    @property
+    def expires(self) -> datetime: ...
 
 
 @runtime_checkable

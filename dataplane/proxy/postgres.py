@@ -112,7 +112,7 @@ class PostgresFrontend:
         self.bundles = bundles
         self.tunnel = tunnel
         self.local_agent = local_agent
-        self.keys = keys or CancelKeys()
+        self.keys = keys if keys is not None else CancelKeys()
         self.audit = audit
         self.host_id = host_id
         self.startup_timeout = startup_timeout

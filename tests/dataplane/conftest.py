@@ -192,16 +192,16 @@ class DataPath:
             node.activate(self.bundle_bytes)
         creds = self.pki.host(host_id, "proxy")
 
+        settings: dict[str, Any] = {
+            "web_addr": ("127.0.0.1", 0),
+            "tunnel_addr": ("127.0.0.1", 0),
+            "audit": self.audit,
+            "tunnel_options": FAST_TUNNEL,
+            **options,
+        }
+
         async def start() -> ProxyService:
-            service = ProxyService(
-                credentials=creds,
-                bundles=node.feed,
-                web_addr=("127.0.0.1", 0),
-                tunnel_addr=("127.0.0.1", 0),
-                audit=self.audit,
-                tunnel_options=FAST_TUNNEL,
-                **options,
-            )
+            service = ProxyService(credentials=creds, bundles=node.feed, **settings)
             await service.start()
             return service
 
@@ -212,8 +212,9 @@ class DataPath:
 
     def start_agent(
         self, host_id: str = "agent-1", databases: list[BundleDatabase] | None = None,
-        **options: Any,
+        *, wait: bool = True, **options: Any,
     ) -> AgentService:
+        """An agent dialling our proxy; `wait`: until the proxy can route to it."""
         node = Node(host_id, self.key)
         if self.bundle_bytes:
             node.activate(self.bundle_bytes)
@@ -234,13 +235,15 @@ class DataPath:
                 **options,
             )
             await service.start()
-            await service.tunnel.wait_connected(10)
+            if wait:
+                await service.tunnel.wait_connected(10)
             return service
 
         node.service = node.thread.run(start())
         self.nodes.append(node)
         self.agents.append(node)
-        self.wait_routable(host_id)
+        if wait:
+            self.wait_routable(host_id)
         return node.service  # type: ignore[no-any-return]
 
     @property
