@@ -1,0 +1,209 @@
+"""`tsh db ls | login | logout | config | env` against a real control plane: the databases
+an agent serves, route certificates RBAC allows, and the user's own pg_service.conf."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from dataplane.tsh.pgservice import read_section, section_names
+from schemas.identity import Route, verify_identity
+from tests.api.conftest import ApiCluster
+from tests.tsh.conftest import PASSWORD, Tsh, proxy_of
+
+FOREIGN = (
+    b"# my own databases\r\n"
+    b"[prod]   \r\n"
+    b"host = db.prod.internal\r\n"
+    b"port=5432\t\r\n"
+    b"\r\n"
+    b"# keep this comment\r\n"
+    b"[root-aurora-staging]\r\n"
+    b"host=staging"  # no line ending at the end of the file
+)
+
+
+def _logged_in(tsh: Tsh, cluster: ApiCluster, user: str = "alice") -> None:
+    done = tsh("login", "--insecure", f"--proxy={proxy_of(cluster)}", f"--user={user}",
+               stdin=f"{PASSWORD}\n")
+    assert done.code == 0, done.err
+
+
+def _profile(tsh: Tsh, cluster: ApiCluster) -> Path:
+    return tsh.tsh_home / "profiles" / f"127.0.0.1_{cluster.port}"
+
+
+def test_db_ls_shows_the_allowed_databases_as_in_the_seed(tsh: Tsh, cluster: ApiCluster) -> None:
+    _logged_in(tsh, cluster)
+    done = tsh("db", "ls")
+    assert done.code == 0, done.err
+    assert done.out.splitlines() == [
+        "Name    Description Labels",
+        "------- ----------- ----------------",
+        "aurora  AWS Aurora  env=dev",
+        "metrics Metrics     env=dev,team=obs",
+    ]
+    # vault (env=prod) is not shown: alice's role allows env=dev only.
+    listed = json.loads(tsh("db", "ls", "--format", "json").out)
+    assert [d["name"] for d in listed] == ["aurora", "metrics"]
+    assert listed[0]["labels"] == {"env": "dev"}
+    assert listed[0]["allowed_db_users"] == ["alice"]
+    assert listed[0]["logged_in"] is False
+
+
+def test_login_to_two_databases_keeps_the_users_sections(tsh: Tsh, cluster: ApiCluster) -> None:
+    tsh.service_file.write_bytes(FOREIGN)
+    _logged_in(tsh, cluster)
+
+    first = tsh("db", "login", "aurora")
+    assert first.code == 0, first.err
+    assert 'psql "service=root-aurora"' in first.out
+    second = tsh("db", "login", "metrics")
+    assert second.code == 0, second.err
+
+    data = tsh.service_file.read_bytes()
+    assert data.startswith(FOREIGN + b"\r\n")
+    assert section_names(data) == ["prod", "root-aurora-staging", "root-aurora", "root-metrics"]
+    profile = _profile(tsh, cluster)
+    assert read_section(data, "root-aurora") == {
+        "host": "127.0.0.1",
+        "port": str(cluster.port),
+        "sslmode": "verify-full",
+        "sslrootcert": str(profile / "host-ca.pem"),
+        "sslcert": str(profile / "db" / "aurora.crt"),
+        "sslkey": str(profile / "db" / "aurora.key"),
+        "gssencmode": "disable",
+        "user": "alice",
+        "dbname": "postgres",
+    }
+    for name in ("aurora", "metrics"):
+        assert stat.S_IMODE((profile / "db" / f"{name}.key").stat().st_mode) == 0o600
+    # The route certificate is the user CA's, for the database and the defaults chosen.
+    user_ca = x509.load_pem_x509_certificate((cluster.data_dir / "ca/user.crt").read_bytes())
+    identity = verify_identity((profile / "db" / "aurora.crt").read_bytes(), [user_ca],
+                               datetime.now(UTC), "db")
+    assert identity.route == Route(service="aurora", db_user="alice", db_name="postgres")
+
+    listed = tsh("db", "ls").out.splitlines()
+    assert listed[2].startswith("> aurora ")
+    assert listed[3].startswith("> metrics ")
+    status = tsh("status").out
+    assert "Databases:    aurora (user alice, db postgres)" in status
+    assert "metrics (user alice, db postgres)" in status
+
+    # Logging in again to the same database (new key, new certificate) rewrites its
+    # section in place, with the same settings: the file does not change.
+    cert_before = (profile / "db" / "aurora.crt").read_bytes()
+    again = tsh("db", "login", "aurora")
+    assert again.code == 0
+    assert (profile / "db" / "aurora.crt").read_bytes() != cert_before
+    assert tsh.service_file.read_bytes() == data
+
+    # Log out of one, then of all: the user's bytes come back (with the line ending the
+    # file's last line lacked).
+    one = tsh("db", "logout", "aurora")
+    assert one.code == 0, one.err
+    assert "Logged out of database aurora" in one.out
+    after_one = tsh.service_file.read_bytes()
+    assert section_names(after_one) == ["prod", "root-aurora-staging", "root-metrics"]
+    assert not (profile / "db" / "aurora.crt").exists()
+    assert not (profile / "db" / "aurora.key").exists()
+    assert tsh("db", "ls").out.splitlines()[2].startswith("aurora ")
+    every = tsh("db", "logout")
+    assert every.code == 0
+    assert "Logged out of database metrics" in every.out
+    assert tsh.service_file.read_bytes() == FOREIGN + b"\r\n"
+    assert tsh("db", "logout").out.strip() == "You are not logged in to any database."
+    missing = tsh("db", "logout", "aurora")
+    assert missing.code == 1
+    assert "you are not logged in to database 'aurora'" in missing.err
+
+
+def test_logout_removes_the_database_sections_too(tsh: Tsh, cluster: ApiCluster) -> None:
+    tsh.service_file.write_bytes(FOREIGN)
+    _logged_in(tsh, cluster)
+    assert tsh("db", "login", "aurora").code == 0
+    assert tsh("db", "login", "metrics").code == 0
+    assert tsh("logout").code == 0
+    assert tsh.service_file.read_bytes() == FOREIGN + b"\r\n"
+    assert not _profile(tsh, cluster).exists()
+
+
+def test_defaults_and_refusals_come_from_rbac(tsh: Tsh, cluster: ApiCluster) -> None:
+    _logged_in(tsh, cluster, "bob")  # db users bob, reporting; db names main, metrics
+    vague = tsh("db", "login", "aurora")
+    assert vague.code == 1
+    assert "say which db user to use on database 'aurora' with --db-user=...; your roles " \
+           "allow: bob, reporting" in vague.err
+    refused = tsh("db", "login", "--db-user=postgres", "--db-name=main", "aurora")
+    assert refused.code == 1
+    assert "tsh: error: access denied:" in refused.err
+    assert "'postgres'" in refused.err
+    assert not tsh.service_file.exists()
+    done = tsh("db", "login", "--db-user=reporting", "--db-name=metrics", "aurora")
+    assert done.code == 0, done.err
+    section = read_section(tsh.service_file.read_bytes(), "root-aurora")
+    assert section is not None
+    assert (section["user"], section["dbname"]) == ("reporting", "metrics")
+    unknown = tsh("db", "login", "vault")
+    assert unknown.code == 1
+    assert "`tsh db ls` lists those you can log in to" in unknown.err
+    bad_name = tsh("db", "login", "../etc")
+    assert bad_name.code == 2
+    assert "is not a database name" in bad_name.err
+
+
+def test_config_and_env_for_gui_clients_and_shells(tsh: Tsh, cluster: ApiCluster) -> None:
+    _logged_in(tsh, cluster)
+    nothing = tsh("db", "config")
+    assert nothing.code == 1
+    assert "you are not logged in to any database: run `tsh db login NAME`" in nothing.err
+    assert tsh("db", "login", "aurora").code == 0
+    profile = _profile(tsh, cluster)
+
+    text = tsh("db", "config").out.splitlines()
+    assert text[:5] == ["Name:     aurora", "Host:     127.0.0.1", f"Port:     {cluster.port}",
+                        "User:     alice", "Database: postgres"]
+    assert text[5] == f"CA:       {profile / 'host-ca.pem'}"
+    assert text[6] == f"Cert:     {profile / 'db' / 'aurora.crt'}"
+    assert text[7] == f"Key:      {profile / 'db' / 'aurora.key'}"
+
+    as_json = json.loads(tsh("db", "config", "aurora", "--format", "json").out)
+    assert as_json["host"] == "127.0.0.1" and as_json["port"] == str(cluster.port)
+    assert as_json["ca"] == str(profile / "host-ca.pem")
+    assert as_json["service"] == "root-aurora"
+
+    cmd = shlex.split(tsh("db", "config", "--format", "cmd").out)
+    assert cmd[0] == "psql"
+    assert cmd[1].split() == [
+        "host=127.0.0.1", f"port={cluster.port}", "sslmode=verify-full",
+        f"sslrootcert={profile / 'host-ca.pem'}", f"sslcert={profile / 'db' / 'aurora.crt'}",
+        f"sslkey={profile / 'db' / 'aurora.key'}", "gssencmode=disable", "user=alice",
+        "dbname=postgres",
+    ]
+
+    env_line = tsh("db", "env").out.strip()
+    assert env_line.startswith("export ")
+    assignments = dict(part.split("=", 1) for part in shlex.split(env_line)[1:])
+    assert assignments == {
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(cluster.port),
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": str(profile / "host-ca.pem"),
+        "PGSSLCERT": str(profile / "db" / "aurora.crt"),
+        "PGSSLKEY": str(profile / "db" / "aurora.key"),
+        "PGGSSENCMODE": "disable",
+        "PGUSER": "alice",
+        "PGDATABASE": "postgres",
+    }
+
+    assert tsh("db", "login", "metrics").code == 0
+    which = tsh("db", "env")
+    assert which.code == 1
+    assert "several databases (aurora, metrics): name one" in which.err
+    assert tsh("db", "env", "metrics").code == 0
