@@ -24,7 +24,14 @@ from schemas.audit import (
     SessionEndEvent,
     SessionStartEvent,
 )
-from transport.http import ApiError, HttpClient, HttpServer, Request, Response
+from transport.http import (
+    ApiError,
+    HttpClient,
+    HttpServer,
+    Request,
+    Response,
+    ServerLimits,
+)
 
 AUDIT_PATH = "/v1/audit/events"
 _counter = itertools.count(1)
@@ -94,9 +101,12 @@ class Clock:
 class AuditEndpoint:
     """`POST /v1/audit/events` on a real HTTP server feeding a real `AuditStore`."""
 
-    def __init__(self, directory: Path, sender: str = "agent-1") -> None:
+    def __init__(
+        self, directory: Path, sender: str = "agent-1", limits: ServerLimits | None = None
+    ) -> None:
         self.directory = directory
         self.sender = sender
+        self.limits = limits
         self.store: AuditStore | None = None
         self.server: HttpServer | None = None
         self.port = 0
@@ -121,7 +131,7 @@ class AuditEndpoint:
                 self.after_store(request.json(AuditBatch))
             return response
 
-        self.server = HttpServer(route)
+        self.server = HttpServer(route, self.limits)
         _, self.port = await self.server.listen("127.0.0.1", self.port)
 
     def _authenticate(self, request: Request) -> str:

@@ -1,0 +1,581 @@
+"""`AuditShipper`: the agent's `AuditSink`. Events go to the control plane in batches, and
+to a disk spool while it cannot take them; nothing is dropped to keep the data path moving.
+
+    shipper = AuditShipper(send, data_dir / "audit-spool")
+    await shipper.start()        # a spool left by an earlier run is sent first
+    shipper.emit(event)          # from the data path: queue and return
+    if not shipper.can_accept_sessions(): refuse, saying shipper.refusal_reason()
+    await shipper.close()        # shutdown: what is in memory is delivered or spooled
+
+`send(batch) -> AuditAck` is an async callable that posts one `AuditBatch` to the control
+plane (`POST /v1/audit/events`; the host's API client supplies it). Any exception means "not
+taken now, try again later", except a refusal of the batch itself (`BatchRejected`, or an
+exception whose `status` is 400, 413 or 422): the batch is then split to find the events
+refused, which go to `rejected.jsonl` in the spool with an error log, and the rest is sent.
+
+Order and delivery: events leave in the order they were emitted. A batch goes out when it
+holds `batch_events` events or `batch_bytes` bytes of JSON, or when its oldest event has
+waited `interval` seconds. When a send fails the shipper backs off (`retry_min` doubling to
+`retry_max`), and meanwhile, and for as long as older events wait on disk, batches are
+appended to the spool (fsynced) rather than sent; the spool is sent oldest first, and a
+segment is deleted once all of it was acknowledged. Delivery is at least once: a batch
+whose acknowledgement was lost is sent again, and the control plane drops the duplicates
+by event id.
+
+Bounds: the spool holds at most `spool_max_bytes`. When it is full while the control plane
+is unreachable, events wait in memory and `can_accept_sessions()` is False (the agent
+refuses new sessions: no unaudited access) until delivery frees a tenth of the spool; while
+a full spool drains to a control plane that is back, newer events simply wait in memory.
+Memory holds at most `max_memory_events` before new sessions are refused too, and twice
+that before events are dropped (counted in `stats.lost`, logged as errors). What the spool
+protects against is an unreachable control plane; events still in memory when the agent is
+killed (about `interval` seconds' worth, or what the spool could not take) die with it.
+
+`emit` never blocks and never raises. Call it on the event loop's thread, or from another
+thread (it then wakes the sender thread-safely). Never logs event contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pydantic
+import pydantic_core
+
+from dataplane.audit.spool import SEGMENT_BYTES, Segment, Spool
+from schemas.api import AuditAck, AuditBatch
+from schemas.audit import AuditEvent, parse_event
+
+log = logging.getLogger("teleport.audit.shipper")
+
+Send = Callable[[AuditBatch], Awaitable[AuditAck]]
+
+#: Statuses that mean "this batch will never be taken as it is" (not "try later").
+REJECT_STATUSES = frozenset({400, 413, 422})
+
+
+class BatchRejected(Exception):
+    """Raise from `send` when the control plane refused the batch itself (bad request, too
+    large): sending it again unchanged will never work."""
+
+
+class AuditSpoolError(Exception):
+    """The spool directory cannot be used; the message says which and why."""
+
+
+@dataclass
+class ShipperStats:
+    emitted: int = 0
+    delivered: int = 0  # acknowledged as new by the control plane
+    duplicates: int = 0  # acknowledged as already stored
+    spooled: int = 0  # written to the spool (an event may be counted again after a restart)
+    rejected: int = 0  # refused by the control plane, kept in rejected.jsonl
+    lost: int = 0  # dropped: memory over its hard bound, or rejected.jsonl full
+    send_failures: int = 0
+
+
+@dataclass
+class _Batch:
+    events: list[AuditEvent]
+    lines: list[bytes]  # each event's JSON with a newline, as spooled
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(line) for line in self.lines)
+
+
+class AuditShipper:
+    """An `AuditSink` that delivers to the control plane through `send`, spooling to disk."""
+
+    def __init__(
+        self,
+        send: Send,
+        spool_dir: Path,
+        *,
+        batch_events: int = 500,
+        batch_bytes: int = 192 * 1024,
+        interval: float = 0.2,
+        spool_max_bytes: int = 256 * 1024 * 1024,
+        segment_bytes: int = SEGMENT_BYTES,
+        max_memory_events: int = 50_000,
+        retry_min: float = 0.2,
+        retry_max: float = 10.0,
+        send_timeout: float = 30.0,
+    ) -> None:
+        if batch_events < 1 or batch_bytes < 1 or spool_max_bytes < 1:
+            raise ValueError("batch_events, batch_bytes and spool_max_bytes must be positive")
+        self._send = send
+        self.spool_dir = Path(spool_dir)
+        self.batch_events = batch_events
+        self.batch_bytes = batch_bytes
+        self.interval = interval
+        self.max_memory_events = max_memory_events
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self.send_timeout = send_timeout
+        self.stats = ShipperStats()
+        self._spool = Spool(self.spool_dir, spool_max_bytes, segment_bytes)
+        self._queue: deque[AuditEvent] = deque()
+        self._first_at = 0.0  # when the oldest event in memory was queued (monotonic)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._wake: asyncio.Event | None = None
+        self._stepped: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._reading: tuple[Segment, list[AuditEvent]] | None = None
+        self._in_flight = 0  # events taken from memory and not yet delivered or spooled
+        self._flushing = 0
+        self._stopping = False
+        self._closed = False
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
+        self._failing_since: datetime | None = None
+        self._spool_full = False
+        self._memory_full = False
+        self._last_lost_log = 0.0
+
+    # -- the data path's side ---------------------------------------------------------------
+
+    def emit(self, event: AuditEvent) -> None:
+        """Queue `event` for delivery and return at once; never raises."""
+        try:
+            queue = self._queue
+            if self._closed or len(queue) >= 2 * self.max_memory_events:
+                self._lose(1, "the shipper is closed" if self._closed else
+                           f"{len(queue)} events already wait in memory")
+                return
+            queue.append(event)
+            self.stats.emitted += 1
+            n = len(queue)
+            if n == 1:
+                self._first_at = time.monotonic()
+                self._poke()
+            elif n == self.batch_events:
+                self._poke()
+            elif n >= self.max_memory_events and not self._memory_full:
+                self._memory_full = True
+                log.error(
+                    "audit: %d events wait in memory (the control plane is slow or away and "
+                    "the spool cannot take them); new database sessions are refused until "
+                    "they are delivered", n,
+                )
+        except Exception:
+            log.exception("audit: an event could not be queued")
+
+    def can_accept_sessions(self) -> bool:
+        """False while events could not be kept (spool full, memory at its bound): the
+        agent must then refuse new sessions rather than serve them unaudited."""
+        return not (self._spool_full or self._memory_full)
+
+    def refusal_reason(self) -> str | None:
+        """Why new sessions are refused now, for the client and the agent's log."""
+        if self._spool_full:
+            return (
+                "the audit log cannot be written: the control plane has not taken audit "
+                f"events since {_when(self._failing_since)} and the agent's audit spool is "
+                "full; try again later"
+            )
+        if self._memory_full:
+            return (
+                "the audit log cannot keep up: too many audit events wait to be delivered; "
+                "try again later"
+            )
+        return None
+
+    @property
+    def pending(self) -> int:
+        """Events in memory, not yet delivered or spooled."""
+        return len(self._queue) + self._in_flight
+
+    @property
+    def spooled_bytes(self) -> int:
+        return self._spool.bytes
+
+    def _poke(self) -> None:
+        if self._wake is None or self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._wake.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to wake
+                self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _lose(self, n: int, why: str) -> None:
+        self.stats.lost += n
+        now = time.monotonic()
+        if now - self._last_lost_log >= 10.0:
+            self._last_lost_log = now
+            log.error("audit: %d event(s) dropped so far: %s", self.stats.lost, why)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the spool (an earlier run's events are sent first) and start sending."""
+        if self._task is not None:
+            return
+        try:
+            backlog = await asyncio.to_thread(self._spool.open)
+        except OSError as exc:
+            raise AuditSpoolError(
+                f"cannot use the audit spool directory {self.spool_dir}: "
+                f"{exc.strerror or exc}; the agent needs it writable to never lose events"
+            ) from None
+        if backlog:
+            log.info(
+                "audit: %d byte(s) of events in %s from an earlier run; sending them first",
+                backlog, self.spool_dir,
+            )
+        if not self._spool.fits(0):
+            self._set_spool_full()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._wake = asyncio.Event()
+        self._stepped = asyncio.Event()
+        if self._queue:
+            self._wake.set()
+        self._task = asyncio.create_task(self._run(), name="audit shipper")
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Deliver or spool every event now in memory; True when none is left there."""
+        if self._task is None or self._stepped is None:
+            return not self._queue
+        self._flushing += 1
+        try:
+            async with asyncio.timeout(timeout):
+                while (self._queue or self._in_flight) and not self._task.done():
+                    self._stepped.clear()
+                    self._poke()
+                    await self._stepped.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._flushing -= 1
+        left = self.pending
+        if left:
+            log.error(
+                "audit: %d event(s) are still in memory after %gs: the control plane does "
+                "not take them and the spool %s cannot", left, timeout, self.spool_dir,
+            )
+        return left == 0
+
+    async def close(self, timeout: float = 10.0) -> bool:
+        """Flush, then stop; True when no event was left in memory."""
+        if self._task is None:
+            self._closed = True
+            return not self._queue
+        ok = await self.flush(timeout)
+        self._stopping = True
+        self._closed = True
+        self._poke()
+        task = self._task
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.send_timeout)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(self._spool.close)
+        if self._queue:
+            self._lose(len(self._queue), "the shipper closed with events still in memory")
+            self._queue.clear()
+            ok = False
+        return ok
+
+    # -- the sender ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._stepped is not None
+        while True:
+            self._wake.clear()
+            try:
+                if not await self._step():
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A defect here must not stop delivery for good: say so, pause, go on.
+                log.exception("audit: the shipper failed; retrying")
+                await asyncio.sleep(self.retry_min)
+            finally:
+                if self._memory_full and len(self._queue) < self.max_memory_events * 0.9:
+                    self._memory_full = False
+                    log.warning("audit: events in memory are back under their bound; new "
+                                "sessions are accepted")
+                self._stepped.set()
+
+    async def _step(self) -> bool:
+        """One unit of work (or one wait); False when the shipper is done."""
+        now = time.monotonic()
+        backing_off = now < self._retry_at
+        backlog = self._reading is not None or not self._spool.empty
+        # Older events are on disk, or sending fails: keep the order, spool these.
+        spool_now = bool(self._queue) and (backlog or backing_off) and self._batch_ready(now)
+        if spool_now and await self._spool_batch(self._take_batch()):
+            return True
+        if backlog and not backing_off and not self._stopping:
+            await self._send_from_spool()
+            return True
+        if self._queue and not backlog and not backing_off and self._batch_ready(now):
+            await self._send_from_memory(self._take_batch())
+            return True
+        if self._stopping:
+            return False  # what could not be placed stays in memory: close() counts it
+        await self._wait(now, backing_off)
+        return True
+
+    def _batch_ready(self, now: float) -> bool:
+        return (
+            len(self._queue) >= self.batch_events
+            or self._flushing > 0
+            or self._stopping
+            or now - self._first_at >= self.interval
+        )
+
+    async def _wait(self, now: float, backing_off: bool) -> None:
+        assert self._wake is not None
+        timeouts = []
+        if backing_off:
+            timeouts.append(self._retry_at - now)
+        if self._queue and not self._spool_full:
+            timeouts.append(max(0.0, self._first_at + self.interval - now))
+        elif self._queue:
+            timeouts.append(self.retry_min)  # nowhere to put them now: look again later
+        timeout = min(timeouts) if timeouts else None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
+    def _take_batch(self) -> _Batch:
+        """Up to `batch_events` events and `batch_bytes` bytes from memory (at least one)."""
+        batch = _Batch([], [])
+        size = 0
+        queue = self._queue
+        while queue and len(batch.events) < self.batch_events:
+            event = queue.popleft()
+            try:
+                event, line = _encode(event)
+            except Exception as exc:  # not an event at all: a defect in the emitter
+                self._lose(1, f"an emitted object could not be encoded ({exc!r})")
+                continue
+            if batch.events and size + len(line) > self.batch_bytes:
+                queue.appendleft(event)
+                break
+            batch.events.append(event)
+            batch.lines.append(line)
+            size += len(line)
+        # What is left (if any) keeps `_first_at`: it is older than `interval` too, or this
+        # batch was full; either way it may go at once.
+        self._in_flight += len(batch.events)
+        return batch
+
+    def _give_back(self, batch: _Batch) -> None:
+        """Put events taken from memory back at its front, in order."""
+        self._queue.extendleft(reversed(batch.events))
+
+    async def _send_from_memory(self, batch: _Batch) -> None:
+        try:
+            done = await self._deliver(batch)
+        except asyncio.CancelledError:
+            # Closing while this batch was on its way: keep it on disk if at all possible.
+            try:
+                if self._spool.fits(batch.nbytes):
+                    self._spool.append(batch.lines)
+                    self.stats.spooled += len(batch.events)
+                else:
+                    self._lose(len(batch.events), "closing while the spool was full")
+            except OSError as exc:
+                self._lose(len(batch.events), f"closing, and the spool failed: {exc}")
+            self._in_flight -= len(batch.events)
+            raise
+        rest = _Batch(batch.events[done:], batch.lines[done:])
+        self._in_flight -= done
+        if rest.events:
+            await self._spool_batch(rest)
+
+    async def _spool_batch(self, batch: _Batch) -> bool:
+        """Append `batch` (taken from memory) to the spool; if it cannot, give it back to
+        memory. True when it was spooled."""
+        try:
+            if not self._spool.fits(batch.nbytes):
+                if self._failing_since is not None:
+                    self._set_spool_full()
+                # else: the control plane takes events and the spool drains; these wait
+                # in memory meanwhile (bounded by max_memory_events).
+                raise _NoRoom
+            await asyncio.to_thread(self._spool.append, batch.lines)
+        except (_NoRoom, OSError) as exc:
+            if isinstance(exc, OSError):
+                log.error("audit: cannot write the spool %s: %s", self.spool_dir, exc)
+                self._set_spool_full()
+            self._in_flight -= len(batch.events)
+            self._give_back(batch)
+            return False
+        self.stats.spooled += len(batch.events)
+        self._in_flight -= len(batch.events)
+        return True
+
+    async def _send_from_spool(self) -> None:
+        if self._reading is None:
+            self._reading = await asyncio.to_thread(self._read_oldest)
+            if self._reading is None:
+                return
+        segment, events = self._reading
+        start = segment.position
+        end = start
+        size = 0
+        while end < len(events) and end - start < self.batch_events:
+            if end > start and size + len(segment.lines[end]) > self.batch_bytes:
+                break
+            size += len(segment.lines[end])
+            end += 1
+        batch = _Batch(events[start:end], segment.lines[start:end])
+        if batch.events:
+            segment.position += await self._deliver(batch)
+        if segment.position >= len(events):
+            await asyncio.to_thread(self._spool.done, segment)
+            self._reading = None
+            if self._spool_full and self._spool.bytes <= self._spool.max_bytes * 0.9:
+                self._spool_full = False
+                log.warning(
+                    "audit: the spool %s has room again (%d bytes); new sessions are "
+                    "accepted", self.spool_dir, self._spool.bytes,
+                )
+
+    def _read_oldest(self) -> tuple[Segment, list[AuditEvent]] | None:
+        segment = self._spool.oldest()
+        if segment is None:
+            return None
+        events: list[AuditEvent] = []
+        lines: list[bytes] = []
+        for number, line in enumerate(segment.lines, 1):
+            try:
+                events.append(parse_event(line))
+            except (pydantic.ValidationError, ValueError):
+                log.error("audit: %s:%d is not an audit event; skipped", segment.path, number)
+                self.stats.lost += 1
+                continue
+            lines.append(line)
+        segment.lines = lines
+        return segment, events
+
+    # -- sending --------------------------------------------------------------------------------
+
+    async def _deliver(self, batch: _Batch) -> int:
+        """Send `batch`; how many of its leading events are done with (acknowledged, or
+        refused and kept in rejected.jsonl). 0 when the control plane is not taking events."""
+        if not batch.events:
+            return 0
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                ack = await self._send(AuditBatch.model_construct(events=batch.events))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, BatchRejected) or getattr(exc, "status", None) in REJECT_STATUSES:
+                return await self._split_rejected(batch, exc)
+            self._failed(exc)
+            return 0
+        self._succeeded(ack, len(batch.events))
+        return len(batch.events)
+
+    async def _split_rejected(self, batch: _Batch, exc: Exception) -> int:
+        if len(batch.events) == 1:
+            event = batch.events[0]
+            log.error(
+                "audit: the control plane refused event %s (%s): %s; kept in %s",
+                event.id, event.type, exc, self.spool_dir / "rejected.jsonl",
+            )
+            try:
+                kept = await asyncio.to_thread(self._spool.reject, batch.lines[0])
+            except OSError as error:
+                log.error("audit: cannot write %s: %s", self.spool_dir / "rejected.jsonl", error)
+                kept = False
+            if kept:
+                self.stats.rejected += 1
+            else:
+                self._lose(1, "the control plane refused it and rejected.jsonl is full")
+            return 1
+        middle = len(batch.events) // 2
+        first = _Batch(batch.events[:middle], batch.lines[:middle])
+        done = await self._deliver(first)
+        if done < middle:
+            return done
+        second = _Batch(batch.events[middle:], batch.lines[middle:])
+        return middle + await self._deliver(second)
+
+    def _failed(self, exc: Exception) -> None:
+        self.stats.send_failures += 1
+        if self._failing_since is None:
+            self._failing_since = datetime.now(UTC)
+            log.warning(
+                "audit: cannot send events to the control plane (%s); keeping them in %s "
+                "and retrying", exc, self.spool_dir,
+            )
+        else:
+            log.debug("audit: sending still fails: %s", exc)
+        delay = min(self.retry_max, max(self.retry_min, self._retry_delay * 2))
+        self._retry_delay = delay
+        jitter = 0.8 + 0.4 * random.random()  # noqa: S311 (spreading retries, not a secret)
+        self._retry_at = time.monotonic() + delay * jitter
+
+    def _succeeded(self, ack: AuditAck, sent: int) -> None:
+        self.stats.delivered += ack.accepted
+        self.stats.duplicates += ack.duplicates
+        if ack.accepted + ack.duplicates != sent:
+            log.warning(
+                "audit: the control plane acknowledged %d of %d events sent (%d new, %d "
+                "duplicates)", ack.accepted + ack.duplicates, sent, ack.accepted, ack.duplicates,
+            )
+        if self._failing_since is not None:
+            log.warning(
+                "audit: the control plane takes events again (failing since %s); %d byte(s) "
+                "of spooled events to send", _when(self._failing_since), self._spool.bytes,
+            )
+        self._failing_since = None
+        self._retry_delay = 0.0
+        self._retry_at = 0.0
+
+    def _set_spool_full(self) -> None:
+        if self._spool_full:
+            return
+        self._spool_full = True
+        log.error(
+            "audit: the spool %s is full (%d of %d bytes) and the control plane has not "
+            "taken events since %s; %d event(s) wait in memory. New database sessions are "
+            "refused until events are delivered (no unaudited access)",
+            self.spool_dir, self._spool.bytes, self._spool.max_bytes,
+            _when(self._failing_since), self.pending,
+        )
+
+
+class _NoRoom(Exception):
+    pass
+
+
+def _encode(event: AuditEvent) -> tuple[AuditEvent, bytes]:
+    """The event (cleaned if it had to be) and its JSON line."""
+    try:
+        return event, event.model_dump_json().encode() + b"\n"
+    except pydantic_core.PydanticSerializationError:
+        # Text that is not valid Unicode (a lone surrogate): replace it, so that the event
+        # can be stored at all.
+        text = json.dumps(event.model_dump(mode="json"), ensure_ascii=False)
+        line = text.encode("utf-8", "replace")
+        log.warning("audit: event %s held text that is not valid Unicode; replaced", event.id)
+        cleaned = parse_event(line)
+        return cleaned, cleaned.model_dump_json().encode() + b"\n"
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "(unknown)"
