@@ -42,13 +42,7 @@ from schemas.api import (
     SignupResponse,
     SignupStart,
 )
-from schemas.identity import (
-    Identity,
-    IdentityError,
-    fingerprint,
-    load_certificates,
-    verify_identity,
-)
+from schemas.identity import Identity, IdentityError, load_certificates, verify_identity
 from transport import tls
 from transport.http import HttpTlsError, request_sync
 
@@ -124,13 +118,6 @@ def verified_context(
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
-
-
-def ca_fingerprint(pem: bytes) -> str:
-    certs = load_certificates(pem)
-    if not certs:
-        raise TshError("the cluster sent no host CA certificate")
-    return fingerprint(certs[0])
 
 
 def public_key_pem(key: ec.EllipticCurvePrivateKey) -> str:

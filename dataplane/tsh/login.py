@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TextIO
 
+from dataplane.cluster.identity import JoinError, ca_fingerprint, normalize_pin
 from dataplane.tsh.client import (
     ProxyClient,
-    ca_fingerprint,
     check_certificate,
     join_host_port,
     parse_proxy,
@@ -40,6 +40,7 @@ from dataplane.tsh.prompt import Prompter
 from dataplane.tsh.session import forget_db, status_lines
 from schemas.api import LoginRequest, Ping, SignupRequest, SignupStart
 from schemas.durations import DurationError, parse_duration
+from schemas.identity import IdentityError
 from transport import tls
 from transport.http import ApiError, HttpTlsError
 
@@ -104,17 +105,21 @@ class LoginOptions:
     err: TextIO | None = None
 
 
-def _normalize_pin(pin: str) -> str:
-    text = pin.strip().lower()
-    if text.startswith("sha256:"):
-        text = text[len("sha256:") :]
-    text = text.replace(":", "")
-    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
-        raise UsageError(
-            f"--ca-pin={pin!r} is not a CA pin: use the `sha256:<64 hex digits>` value "
-            "`tctl status` prints as \"CA pin\""
-        )
-    return f"sha256:{text}"
+def _pin(text: str) -> str:
+    try:
+        return normalize_pin(text)
+    except JoinError as exc:
+        raise UsageError(f"--ca-pin: {exc}") from None
+
+
+def _host_ca_pin(ping: Ping, address: str) -> str:
+    try:
+        return ca_fingerprint(ping.host_ca.encode())
+    except (IdentityError, IndexError):
+        raise TshError(
+            f"the proxy {address} sent no readable host CA certificate in its ping answer; "
+            "check that the address is a teleport-db proxy"
+        ) from None
 
 
 def _trust_proxy(
@@ -124,10 +129,10 @@ def _trust_proxy(
     (verifying the proxy with the host CA that is pinned from now on)."""
     err = options.err or sys.stderr
     if options.insecure or options.ca_pin:
-        pin = _normalize_pin(options.ca_pin) if options.ca_pin else None
+        pin = _pin(options.ca_pin) if options.ca_pin else None
         ping = ProxyClient(host, port, unverified_context()).ping()
         host_ca = ping.host_ca.encode()
-        got = ca_fingerprint(host_ca)
+        got = _host_ca_pin(ping, address)
         if not hmac.compare_digest(got, ping.ca_fingerprints.host):
             raise TshError(
                 f"the proxy {address} sent a host CA ({got}) that is not the one it names in "

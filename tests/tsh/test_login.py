@@ -143,6 +143,9 @@ def test_without_insecure_an_unknown_ca_is_refused_with_advice(
 
 
 def test_ca_pin_trusts_the_right_ca_only(tsh: Tsh, cluster: ApiCluster) -> None:
+    malformed = tsh("login", f"--proxy={proxy_of(cluster)}", "--user=alice", "--ca-pin=abc")
+    assert malformed.code == 2
+    assert "--ca-pin: the CA pin 'abc' is not sha256:<64 hex digits>" in malformed.err
     wrong = "sha256:" + "ab" * 32
     done = tsh("login", f"--proxy={proxy_of(cluster)}", "--user=alice", f"--ca-pin={wrong}",
                stdin=f"{PASSWORD}\n")
