@@ -62,10 +62,10 @@ from typing import Any
 
 import pydantic
 
-from control.files import PRIVATE, ensure_dir, write_atomic
 from schemas.api import AuditAck, AuditBatch
 from schemas.audit import AuditEvent, parse_event
 from schemas.bundle import canonical_json
+from transport.files import PRIVATE, ensure_dir, write_atomic
 from transport.http import ApiError, Handler, Request, Response, json_response
 
 log = logging.getLogger("teleport.control.audit")
@@ -197,6 +197,7 @@ class AuditStore:
         self._seq = 0
         self._hash = GENESIS
         self._day: date | None = None
+        self._last_received: datetime | None = None
         self._fd: int | None = None
         self._ids: dict[date, set[str]] = {}
         self._write_lock = threading.Lock()
@@ -258,6 +259,8 @@ class AuditStore:
                     break
         if last is not None:
             self._seq, self._hash = last["seq"], str(last["hash"])
+            with contextlib.suppress(TypeError, ValueError):
+                self._last_received = datetime.fromisoformat(last["received"])
         head = read_head(self.directory)
         if head is not None and head.seq > self._seq:
             log.error(
@@ -359,6 +362,10 @@ class AuditStore:
         if self._broken is not None:
             raise AuditStoreError(self._broken)
         now = self.clock().astimezone(UTC)
+        if self._last_received is not None and now < self._last_received:
+            # The clock stepped back: arrival times (and so day files) never go backwards,
+            # or a file already written to would be appended to out of chain order.
+            now = self._last_received
         day = now.date()
         received = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
         seen_now: set[str] = set()
@@ -378,6 +385,7 @@ class AuditStore:
             return
         self._write_lines(day, lines)
         self._seq, self._hash = seq, prev
+        self._last_received = now
         self._ids.setdefault(day, set()).update(seen_now)
         self._forget_old(day)
         try:

@@ -42,6 +42,7 @@ from control.api.hosts import HostsApi
 from control.api.people import PeopleApi
 from control.api.ratelimit import TokenBuckets
 from control.api.state import ApiState, utc_now
+from control.audit_store import AuditStore, audit_events_handler
 from control.bundles import BundleStore
 from control.ca import CAError, ClusterCAs, certificate_pem
 from control.inventory import Inventory, write_agents
@@ -107,6 +108,11 @@ class ApiServer:
         self.routes: dict[tuple[str, str], Handler] = {}
         self.routes.update(PeopleApi(self.state).routes())
         self.routes.update(HostsApi(self.state).routes())
+        # POST /v1/audit/events: any joined host (agents, and proxies for their refusals).
+        self.audit = AuditStore(self.data_dir / "audit")
+        self.routes[("POST", "/v1/audit/events")] = audit_events_handler(
+            self.audit, lambda request: self.state.host_identity(request).host_id
+        )
         self.http = HttpServer(
             self._dispatch,
             ServerLimits(
@@ -245,6 +251,7 @@ class ApiServer:
                 await self._maintenance
             self._maintenance = None
         await self.http.close()
+        await asyncio.to_thread(self.audit.close)
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / API_FILE).unlink()
 

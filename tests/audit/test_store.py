@@ -145,6 +145,19 @@ def test_an_event_spooled_for_days_goes_into_the_day_it_arrives(tmp_path: Path) 
     assert search_log(tmp_path, since=clock.now - timedelta(days=2)) == []
 
 
+def test_a_clock_stepping_back_over_midnight_never_reopens_an_older_day(tmp_path: Path
+                                                                        ) -> None:
+    clock = Clock(datetime(2024, 5, 2, 0, 0, 5, tzinfo=UTC))
+    with AuditStore(tmp_path, clock=clock) as store:
+        store.append(numbered_events(2))
+        clock.advance(seconds=-10)  # 2024-05-01 23:59:55
+        store.append(numbered_events(2))
+    with AuditStore(tmp_path, clock=clock) as store:  # also after a restart
+        store.append(numbered_events(2))
+    assert only_file(tmp_path).name == "2024-05-02.jsonl"
+    assert verify_log(tmp_path).ok
+
+
 def test_concurrent_appends_keep_one_chain(tmp_path: Path) -> None:
     batches = [numbered_events(10) for _ in range(100)]
     results: list[tuple[int, int]] = []
