@@ -249,6 +249,13 @@ def db_login(
     return record
 
 
+def _connect_line(record: DbLogin) -> str:
+    """Seed 001's psql line: the service, with the db user and db name spelled out."""
+    return conninfo(
+        [("service", record.service), ("user", record.db_user), ("dbname", record.db_name)]
+    )
+
+
 @command
 def run_db_login(args: argparse.Namespace) -> int:
     store = ProfileStore()
@@ -258,7 +265,7 @@ def run_db_login(args: argparse.Namespace) -> int:
         f"Logged in to database {record.name} as db user {record.db_user}, db name "
         f"{record.db_name} (until {when(record.expires)}).\n"
         f"Section [{record.service}] is in {record.service_file}. Connect with:\n\n"
-        f"  psql \"service={record.service}\"\n"
+        f"  psql \"{_connect_line(record)}\"\n"
     )
     if os.environ.get("PGSERVICEFILE"):
         print(f"(psql finds it while PGSERVICEFILE={record.service_file} is set, as now.)")

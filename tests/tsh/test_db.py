@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import shlex
 import stat
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -62,7 +63,7 @@ def test_login_to_two_databases_keeps_the_users_sections(tsh: Tsh, cluster: ApiC
 
     first = tsh("db", "login", "aurora")
     assert first.code == 0, first.err
-    assert 'psql "service=root-aurora"' in first.out
+    assert 'psql "service=root-aurora user=alice dbname=postgres"' in first.out
     second = tsh("db", "login", "metrics")
     assert second.code == 0, second.err
 
@@ -207,3 +208,59 @@ def test_config_and_env_for_gui_clients_and_shells(tsh: Tsh, cluster: ApiCluster
     assert which.code == 1
     assert "several databases (aurora, metrics): name one" in which.err
     assert tsh("db", "env", "metrics").code == 0
+
+
+def test_a_new_login_keeps_the_same_users_databases_and_drops_anothers(
+    tsh: Tsh, cluster: ApiCluster
+) -> None:
+    _logged_in(tsh, cluster)
+    assert tsh("db", "login", "aurora").code == 0
+    _logged_in(tsh, cluster)  # alice again: her database login stays
+    assert "Databases:    aurora (user alice, db postgres)" in tsh("status").out
+    assert read_section(tsh.service_file.read_bytes(), "root-aurora") is not None
+    _logged_in(tsh, cluster, "bob")  # another user on the same proxy: alice's go
+    assert "Databases:" not in tsh("status").out
+    assert read_section(tsh.service_file.read_bytes(), "root-aurora") is None
+    assert not (_profile(tsh, cluster) / "db" / "aurora.crt").exists()
+
+
+def test_logout_all_removes_every_profile(tsh: Tsh, cluster: ApiCluster) -> None:
+    _logged_in(tsh, cluster)
+    assert tsh("db", "login", "aurora").code == 0
+    # A second profile: the same API under another name of this host.
+    other = tsh("login", "--insecure", f"--proxy=localhost:{cluster.port}", "--user=bob",
+                stdin=f"{PASSWORD}\n")
+    assert other.code == 0, other.err
+    status = tsh("status").out
+    assert f"> Profile URL:  https://localhost:{cluster.port}" in status
+    assert f"  Profile URL:  https://127.0.0.1:{cluster.port}" in status
+    done = tsh("logout", "--all")
+    assert done.code == 0
+    assert f"Logged out alice from 127.0.0.1:{cluster.port}." in done.out
+    assert f"Logged out bob from localhost:{cluster.port}." in done.out
+    assert not list((tsh.tsh_home / "profiles").iterdir())
+    assert read_section(tsh.service_file.read_bytes(), "root-aurora") is None
+
+
+def test_an_expired_database_certificate_after_a_new_login(
+    tsh: Tsh, cluster: ApiCluster
+) -> None:
+    done = tsh("login", "--insecure", f"--proxy={proxy_of(cluster)}", "--user=alice",
+               "--ttl=3s", stdin=f"{PASSWORD}\n")
+    assert done.code == 0, done.err
+    assert tsh("db", "login", "aurora").code == 0
+    cert = x509.load_pem_x509_certificate(
+        (_profile(tsh, cluster) / "db" / "aurora.crt").read_bytes()
+    )
+    # A route certificate never outlives the login it came from.
+    assert cert.not_valid_after_utc <= datetime.now(UTC) + timedelta(seconds=3)
+    time.sleep(max(0.0, (cert.not_valid_after_utc - datetime.now(UTC)).total_seconds()) + 0.2)
+    _logged_in(tsh, cluster)
+    config = tsh("db", "config", "aurora")
+    assert config.code == 1
+    assert "your certificate for database 'aurora' expired at" in config.err
+    assert "run `tsh db login aurora`" in config.err
+    assert tsh("db", "ls").out.splitlines()[2].startswith("aurora ")  # not marked
+    assert "aurora (user alice, db postgres, EXPIRED)" in tsh("status").out
+    assert tsh("db", "login", "aurora").code == 0
+    assert tsh("db", "config", "aurora").code == 0

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pty
 import re
+import select
 import shlex
 import stat
 import subprocess
@@ -267,3 +269,47 @@ def test_tsh_as_a_real_process_reads_the_password_from_stdin(
     assert wrong.returncode == 1
     assert wrong.stderr.strip().endswith("tsh: error: invalid user name or password")
     assert "Traceback" not in wrong.stderr
+
+
+def _read_until(fd: int, marker: bytes, seen: bytearray, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {marker!r} on the terminal; got {bytes(seen)!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            chunk = b""
+        if not chunk:
+            raise AssertionError(f"the terminal closed before {marker!r}; got {bytes(seen)!r}")
+        seen += chunk
+
+
+def test_on_a_terminal_the_password_is_asked_without_echo(
+    tmp_path: Path, cluster: ApiCluster
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(TELEPORT_HOME=str(tmp_path / "tsh"), HOME=str(tmp_path),
+               PGSERVICEFILE=str(tmp_path / "pg_service.conf"))
+    tsh_bin = str(Path(sys.executable).parent / "tsh")
+    argv = [tsh_bin, "login", "--insecure", f"--proxy={proxy_of(cluster)}", "--user=alice"]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: tsh on a real terminal (its controlling tty)
+        os.execve(tsh_bin, argv, env)
+    seen = bytearray()
+    try:
+        _read_until(fd, b"Password for alice@", seen)
+        os.write(fd, f"{PASSWORD}\n".encode())
+        _read_until(fd, b"Valid until:", seen)
+        with contextlib.suppress(OSError):
+            while chunk := os.read(fd, 4096):
+                seen += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, bytes(seen)
+    assert PASSWORD.encode() not in seen
+    assert b"Logged in as: alice" in seen

@@ -164,7 +164,7 @@ def test_seed_001_connect_through_the_proxy(tsh: Tsh, stack: Stack) -> None:
 
     db_login = tsh("db", "login", "aurora")
     assert db_login.code == 0, db_login.err
-    assert 'psql "service=root-aurora"' in db_login.out
+    assert 'psql "service=root-aurora user=alice dbname=metrics"' in db_login.out
     assert tsh.service_file.read_bytes().startswith(own)
 
     env = {"PGSERVICEFILE": str(tsh.service_file), "HOME": str(tsh.home)}
