@@ -42,7 +42,13 @@ from schemas.api import (
     SignupResponse,
     SignupStart,
 )
-from schemas.identity import Identity, IdentityError, load_certificates, verify_identity
+from schemas.identity import (
+    Identity,
+    IdentityError,
+    Usage,
+    load_certificates,
+    verify_identity,
+)
 from transport import tls
 from transport.http import HttpTlsError, request_sync
 
@@ -132,7 +138,7 @@ def check_certificate(
     cert_pem: str,
     user_cas: Sequence[str] | bytes,
     key: ec.EllipticCurvePrivateKey,
-    usage: str,
+    usage: Usage,
     now: datetime,
 ) -> Identity:
     """Verify a certificate the cluster issued us: chain to the user CA, validity, usage,
@@ -140,7 +146,7 @@ def check_certificate(
     cas_pem = user_cas if isinstance(user_cas, bytes) else "".join(user_cas).encode()
     try:
         cas = load_certificates(cas_pem)
-        identity = verify_identity(cert_pem.encode(), cas, now, usage)  # type: ignore[arg-type]
+        identity = verify_identity(cert_pem.encode(), cas, now, usage)
     except IdentityError as exc:
         raise TshError(f"the cluster sent a certificate tsh cannot trust: {exc}") from None
     leaf = x509.load_pem_x509_certificate(cert_pem.encode())
