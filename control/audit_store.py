@@ -5,6 +5,7 @@ Layout, under `<data_dir>/audit/` (directory 0700, files 0600: queries can hold 
     2024-05-01.jsonl   one record per line, in the order the control plane received them
     HEAD.json          {"seq", "hash", "file"} of the last record written (rewritten per batch)
     *.torn-<time>      bytes cut from the end of a file at start (a write a crash interrupted)
+    RETENTION.json     where the log starts after `prune_log` removed the oldest day files
 
 A record is the canonical JSON (`schemas.bundle.canonical_json`) of
 
@@ -37,7 +38,8 @@ keeps showing the gap.
 
 `verify_log(directory)` re-reads everything and reports the first problems as
 `file:line: what is wrong`: an altered or re-formatted line, a removed line, reordered lines,
-a removed day file, records missing at the end (against HEAD.json). It never repairs.
+a removed day file, records missing at the start (unless RETENTION.json accounts for them)
+or at the end (against HEAD.json). It never repairs.
 
 This module never rewrites or deletes a record, never logs event contents, and never
 acknowledges a batch that is not on disk.
@@ -72,6 +74,7 @@ log = logging.getLogger("teleport.control.audit")
 
 GENESIS = "0" * 64
 HEAD_FILE = "HEAD.json"
+RETENTION_FILE = "RETENTION.json"
 DEFAULT_DEDUPE_WINDOW = timedelta(days=7)
 # Arrival may precede an event's own time by this much (agents' clocks run ahead).
 CLOCK_SKEW = timedelta(days=1)
@@ -130,6 +133,51 @@ def read_head(directory: Path) -> Head | None:
         return Head(int(data["seq"]), str(data["hash"]), str(data["file"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def read_retention(directory: Path) -> tuple[int, str] | None:
+    """(first seq, its prev) kept after the last `prune_log`, or None."""
+    try:
+        data = json.loads((directory / RETENTION_FILE).read_bytes())
+        return int(data["first_seq"]), str(data["prev"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prune_log(directory: Path, before: date) -> list[Path]:
+    """Retention: delete the day files older than `before` (never the newest one), and note
+    in RETENTION.json where the log now starts, so that `verify_log` can tell this from a
+    removal. Returns the files deleted."""
+    directory = Path(directory)
+    files = day_files(directory)
+    old = [path for day, path in files[:-1] if day < before]
+    if not old:
+        return []
+    first = None
+    for _day, path in files[len(old):]:
+        first = _first_record(path)
+        if first is not None:
+            break
+    if first is None:
+        return []
+    note = {"first_seq": first["seq"], "prev": first["prev"], "before": before.isoformat()}
+    write_atomic(directory / RETENTION_FILE, json.dumps(note).encode(), PRIVATE)
+    for path in old:
+        path.unlink()
+    _fsync_dir(directory)
+    log.info("audit retention: removed %d day file(s) before %s; the log starts at seq %d",
+             len(old), before.isoformat(), first["seq"])
+    return old
+
+
+def _first_record(path: Path) -> dict[str, Any] | None:
+    with path.open("rb") as f:
+        for line in f:
+            if line.endswith(b"\n"):
+                record = _parse_record(line)
+                if record is not None:
+                    return record
+    return None
 
 
 def _parse_record(line: bytes) -> dict[str, Any] | None:
@@ -623,10 +671,17 @@ def verify_log(directory: Path, max_problems: int = 100) -> VerifyReport:
                         problem(path, number, "the first record (seq 1) does not start the "
                                 "chain (its prev is not 64 zeros)")
                     elif seq > 1:
-                        report.notes.append(
-                            f"the log starts at seq {seq} in {path.name}: the records before "
-                            "it (older day files) are not here, removed by retention or by hand"
-                        )
+                        retention = read_retention(directory)
+                        if retention == (seq, record["prev"]):
+                            report.notes.append(
+                                f"the log starts at seq {seq} in {path.name}: older day files "
+                                f"were removed by retention ({RETENTION_FILE})"
+                            )
+                        else:
+                            problem(path, number, f"the log starts at seq {seq}: the "
+                                    f"{seq - 1} record(s) before it are missing and "
+                                    f"{RETENTION_FILE} does not account for them: the oldest "
+                                    "day file(s) were removed or emptied")
                 report.last_seq = seq
                 why = _record_problems(record, line, day, expected_seq, expected_prev,
                                        previous, number == 1 and file_index > 0)

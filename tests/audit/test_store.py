@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from control.audit_store import (
     HEAD_FILE,
     AuditStore,
     AuditStoreError,
+    prune_log,
     record_hash,
     search_log,
     verify_log,
@@ -319,13 +320,29 @@ def test_a_deleted_day_file_in_the_middle_is_found(tmp_path: Path) -> None:
     ]
 
 
-def test_a_deleted_oldest_day_file_is_a_note_not_a_failure(tmp_path: Path) -> None:
+def test_a_deleted_oldest_day_file_is_found(tmp_path: Path) -> None:
     files, _ = three_days(tmp_path)
     files[0].unlink()
     report = verify_log(tmp_path)
-    assert report.ok
-    assert report.first_seq == 6
-    assert "starts at seq 6 in 2024-05-02.jsonl" in report.notes[0]
+    assert [str(p) for p in report.problems] == [
+        f"{files[1]}:1: the log starts at seq 6: the 5 record(s) before it are missing and "
+        "RETENTION.json does not account for them: the oldest day file(s) were removed or "
+        "emptied"
+    ]
+
+
+def test_retention_removes_old_days_and_verify_accepts_it(tmp_path: Path) -> None:
+    files, clock = three_days(tmp_path)
+    assert prune_log(tmp_path, date(2024, 5, 3)) == files[:2]
+    assert sorted(tmp_path.glob("*.jsonl")) == files[2:]
+    report = verify_log(tmp_path)
+    assert report.ok and report.first_seq == 11
+    assert "removed by retention" in report.notes[0]
+    assert prune_log(tmp_path, date(2024, 6, 1)) == []  # the newest file always stays
+    with AuditStore(tmp_path, clock=clock) as store:
+        assert store.last_seq == 15
+        store.append(numbered_events(1))
+    assert verify_log(tmp_path).ok
 
 
 def test_a_record_moved_to_another_day_file_is_found(tmp_path: Path) -> None:

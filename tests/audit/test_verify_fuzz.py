@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from control.audit_store import AuditStore, verify_log
 from tests.audit.conftest import Clock, numbered_events, session_end, session_start
 
+
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pristine")
