@@ -561,3 +561,9 @@ class ClusterCAs:
         return cls(
             *(CertificateAuthority.load_or_create(data_dir, k, cluster, now) for k in CA_KINDS)
         )
+
+
+def host_ca_pin(data_dir: str | os.PathLike[str]) -> str:
+    """`sha256:<hex>` of the host CA: what `--ca-pin` checks before a token or password
+    is sent (`tctl status`, `tctl tokens add` and `tctl users add` print it)."""
+    return fingerprint(load_ca_certificate(data_dir, "host"))

@@ -152,8 +152,9 @@ class DatabaseList(ApiModel):
 
 class DatabaseCertRequest(ApiModel):
     service: str = Field(min_length=1, max_length=256)
-    db_user: str = Field(min_length=1, max_length=256)
-    db_name: str = Field(min_length=1, max_length=256)
+    # Left out: the route does not bind it; psql's user/dbname decide, and the agent's RBAC.
+    db_user: str | None = Field(default=None, min_length=1, max_length=256)
+    db_name: str | None = Field(default=None, min_length=1, max_length=256)
     public_key: str = Field(max_length=4096)
     ttl_seconds: int | None = Field(default=None, gt=0)
 

@@ -289,19 +289,22 @@ class PeopleApi:
             )
         return json_response(DatabaseList(databases=entries))
 
-    async def db_cert(self, request: Request) -> Response:
-        s = self.state
-        identity, bundle = self._caller(request)
-        body = request.json(DatabaseCertRequest)
-        public_key = public_key_of(body.public_key)
-        now = s.now()
-        served = s.inventory.databases(now).get(body.service)
-        if not served:
+    def _route_allowed(
+        self, identity: Identity, bundle: Bundle, body: DatabaseCertRequest, served: list
+    ) -> str:
+        """Refuse early what RBAC refuses: the whole route when db user and db name are
+        given; otherwise the database itself (the agent decides the rest at connection)."""
+        if body.db_user is None or body.db_name is None:
+            for sd in served:
+                if database_visible(
+                    bundle, identity.username, identity.roles, body.service, sd.info.labels
+                ):
+                    return "database allowed; db user and db name chosen at connection"
             raise ApiError(
-                404,
-                "no_such_database",
-                f"no agent serves database {body.service!r} right now; `tsh db ls` lists "
-                "the databases that are online",
+                403,
+                "access_denied",
+                f"access denied: no role of {identity.username!r} allows database "
+                f"{body.service!r}",
             )
         decisions = [
             decide(
@@ -326,6 +329,23 @@ class PeopleApi:
                 decisions[0].reason,
             )
             raise ApiError(403, "access_denied", f"access denied: {decisions[0].reason}")
+        return allowed.reason
+
+    async def db_cert(self, request: Request) -> Response:
+        s = self.state
+        identity, bundle = self._caller(request)
+        body = request.json(DatabaseCertRequest)
+        public_key = public_key_of(body.public_key)
+        now = s.now()
+        served = s.inventory.databases(now).get(body.service)
+        if not served:
+            raise ApiError(
+                404,
+                "no_such_database",
+                f"no agent serves database {body.service!r} right now; `tsh db ls` lists "
+                "the databases that are online",
+            )
+        allowed_reason = self._route_allowed(identity, bundle, body, served)
         remaining = int((identity.expires - now).total_seconds())
         ttl = min(body.ttl_seconds or remaining, remaining)
         if ttl <= 0:
@@ -346,9 +366,9 @@ class PeopleApi:
             "route certificate for %r to %s as %s/%s (%s)",
             identity.username,
             body.service,
-            body.db_user,
-            body.db_name,
-            allowed.reason,
+            body.db_user or "(any)",
+            body.db_name or "(any)",
+            allowed_reason,
         )
         return json_response(
             DatabaseCert(

@@ -13,13 +13,12 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-from control.ca import CAError, load_ca_certificate
+from control.ca import CAError, host_ca_pin
 from control.inventory import read_agents
 from control.service import control_plane_running, make_source
 from control.settings import load_settings
 from control.state import load_state
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
-from schemas.identity import fingerprint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -107,6 +106,6 @@ def _agents(data_dir: Path, running: bool, legacy: dict[str, int]) -> dict[str, 
 def _ca_pin(data_dir: Path) -> str | None:
     """The host CA's fingerprint: what `teleport start --ca-pin` expects."""
     try:
-        return fingerprint(load_ca_certificate(data_dir, "host"))
+        return host_ca_pin(data_dir)
     except CAError:
         return None

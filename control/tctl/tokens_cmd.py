@@ -20,13 +20,12 @@ import shlex
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from control.ca import CAError, load_ca_certificate
+from control.ca import CAError, host_ca_pin
 from control.settings import ControlSettings, load_settings
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
 from control.tctl.users_cmd import guarded
 from control.tokens import DEFAULT_TTL, DbTokenInfo, TokenStore, normalize_roles
 from schemas.durations import DurationError, format_duration, parse_duration
-from schemas.identity import fingerprint
 from schemas.policy.models import AWS_REGION_RE, split_host_port
 
 DEFAULT_PROXY_PORT = 3080
@@ -132,7 +131,7 @@ def _db_info(args: argparse.Namespace) -> DbTokenInfo | None:
 
 def ca_pin(data_dir: Path) -> str:
     try:
-        return fingerprint(load_ca_certificate(data_dir, "host"))
+        return host_ca_pin(data_dir)
     except CAError as exc:
         raise UsageError(str(exc)) from None
 

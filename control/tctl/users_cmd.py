@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from control import hosted
+from control.ca import host_ca_pin
 from control.settings import ControlSettings, load_settings
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
 from control.users import DEFAULT_SIGNUP_TTL, SecretsStore
@@ -229,14 +230,15 @@ def proxy_address(settings: ControlSettings) -> str:
 
 
 def signup_instructions(
-    name: str, token: str, ttl: timedelta, settings: ControlSettings
+    name: str, token: str, ttl: timedelta, settings: ControlSettings, pin: str
 ) -> str:
     return (
         f"Signup token for {name} (valid {format_duration(ttl)}, usable once):\n\n"
         f"  {token}\n\n"
         f"Give it to {name}, who sets a password (and, if asked, a second factor) and logs "
         "in with:\n\n"
-        f"  tsh login --proxy={proxy_address(settings)} --user={name} --signup-token={token}\n"
+        f"  tsh login --proxy={proxy_address(settings)} --user={name} --ca-pin={pin} "
+        f"--signup-token={token}\n"
     )
 
 
@@ -285,7 +287,7 @@ def run_add(args: argparse.Namespace) -> int:
         return 1
     token = SecretsStore(data_dir).reset(name, ttl)
     print(f"User {name!r} added: {path}, commit {commit[:12]}, roles {', '.join(roles)}.\n")
-    print(signup_instructions(name, token, ttl, settings), end="")
+    print(signup_instructions(name, token, ttl, settings, host_ca_pin(data_dir)), end="")
     return 0
 
 
@@ -392,5 +394,5 @@ def run_reset(args: argparse.Namespace) -> int:
         raise UsageError(f"user {args.name!r} is not on the policy branch; `tctl users ls`")
     token = SecretsStore(data_dir).reset(args.name, ttl)
     print(f"The password, second factor and lockout of {args.name!r} are cleared.\n")
-    print(signup_instructions(args.name, token, ttl, settings), end="")
+    print(signup_instructions(args.name, token, ttl, settings, host_ca_pin(data_dir)), end="")
     return 0

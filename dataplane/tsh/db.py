@@ -181,19 +181,11 @@ def run_ls(args: argparse.Namespace) -> int:
 # --- login ------------------------------------------------------------------------------------
 
 
-def _default(kind: str, flag: str, allowed: list[str], database: str) -> str:
+def _suggest(allowed: list[str]) -> str | None:
+    """The default for the service section when the roles allow exactly one literal value."""
     if len(allowed) == 1 and _LITERAL.match(allowed[0]):
         return allowed[0]
-    if not allowed:
-        raise TshError(
-            f"your roles allow no {kind} on database {database!r}; ask an administrator "
-            "(your user's traits or roles need one)"
-        )
-    return_hint = ", ".join(allowed)
-    raise TshError(
-        f"say which {kind} to use on database {database!r} with {flag}=...; your roles "
-        f"allow: {return_hint}"
-    )
+    return None
 
 
 def db_login(
@@ -212,10 +204,10 @@ def db_login(
             f"database {name!r} is not one your roles allow, or no agent serves it right "
             "now: `tsh db ls` lists those you can log in to"
         )
-    user = db_user or _default("db user", "--db-user", entry.allowed_db_users, name)
-    dbname = db_name or _default("db name", "--db-name", entry.allowed_db_names, name)
+    # Flags bind the route; without them psql's user/dbname decide at connection (and the
+    # agent's RBAC), with the only value the roles allow written as the section's default.
     key = tls.new_private_key()
-    request = DatabaseCertRequest(service=name, db_user=user, db_name=dbname,
+    request = DatabaseCertRequest(service=name, db_user=db_user, db_name=db_name,
                                   public_key=public_key_pem(key))
     try:
         issued = client.db_cert(request)
@@ -232,8 +224,10 @@ def db_login(
         )
     record = DbLogin(
         name=name,
-        db_user=route.db_user or user,
-        db_name=route.db_name or dbname,
+        db_user=route.db_user or _suggest(entry.allowed_db_users),
+        db_name=route.db_name or _suggest(entry.allowed_db_names),
+        route_db_user=route.db_user,
+        route_db_name=route.db_name,
         expires=identity.expires,
         service=profile.service_name(name),
         service_file=str(service_file_path()),
@@ -252,7 +246,11 @@ def db_login(
 def _connect_line(record: DbLogin) -> str:
     """Seed 001's psql line: the service, with the db user and db name spelled out."""
     return conninfo(
-        [("service", record.service), ("user", record.db_user), ("dbname", record.db_name)]
+        [
+            ("service", record.service),
+            ("user", record.db_user or "<db user>"),
+            ("dbname", record.db_name or "<db name>"),
+        ]
     )
 
 
@@ -261,9 +259,18 @@ def run_db_login(args: argparse.Namespace) -> int:
     store = ProfileStore()
     profile = active_profile(store)
     record = db_login(profile, args.name, args.db_user, args.db_name, store)
+    as_who = ", ".join(
+        f"{what} {value}" + ("" if bound else " (default)")
+        for what, value, bound in (
+            ("db user", record.db_user, record.route_db_user),
+            ("db name", record.db_name, record.route_db_name),
+        )
+        if value
+    )
     print(
-        f"Logged in to database {record.name} as db user {record.db_user}, db name "
-        f"{record.db_name} (until {when(record.expires)}).\n"
+        f"Logged in to database {record.name}"
+        + (f" as {as_who}" if as_who else "; choose the db user and db name in psql")
+        + f" (until {when(record.expires)}).\n"
         f"Section [{record.service}] is in {record.service_file}. Connect with:\n\n"
         f"  psql \"{_connect_line(record)}\"\n"
     )
@@ -352,8 +359,8 @@ def config_of(profile: Profile, record: DbLogin) -> dict[str, str]:
         "service": record.service,
         "host": params["host"],
         "port": params["port"],
-        "user": record.db_user,
-        "database": record.db_name,
+        "user": record.db_user or "",
+        "database": record.db_name or "",
         "sslmode": "verify-full",
         "ca": params["sslrootcert"],
         "cert": params["sslcert"],
@@ -393,7 +400,7 @@ def run_env(args: argparse.Namespace) -> int:
     profile = ProfileStore().require_current()
     record = _chosen_login(profile, args.name)
     params = dict(service_params(profile, record))
-    assignments = [f"{var}={shlex.quote(params[key])}" for var, key in ENV_NAMES]
+    assignments = [f"{var}={shlex.quote(params[key])}" for var, key in ENV_NAMES if key in params]
     print("export " + " ".join(assignments))
     return 0
 
@@ -406,14 +413,19 @@ def run_connect(args: argparse.Namespace) -> int:
     stale = (
         record is None
         or record.expires <= now_utc()
-        or (args.db_user is not None and args.db_user != record.db_user)
-        or (args.db_name is not None and args.db_name != record.db_name)
+        or (args.db_user is not None and record.route_db_user not in (None, args.db_user))
+        or (args.db_name is not None and record.route_db_name not in (None, args.db_name))
     )
     if stale:
         record = db_login(profile, args.name, args.db_user, args.db_name, store)
-        print(f"Logged in to database {record.name} as {record.db_user}/{record.db_name}.",
-              file=sys.stderr)
+        print(f"Logged in to database {record.name}.", file=sys.stderr)
     assert record is not None
+    record = record.model_copy(
+        update={
+            "db_user": args.db_user or record.db_user,
+            "db_name": args.db_name or record.db_name,
+        }
+    )
     psql = shutil.which("psql")
     if psql is None:
         raise UsageError(

@@ -86,8 +86,12 @@ class DbLogin(_Model):
     """What `db/<name>.json` holds."""
 
     name: str
-    db_user: str
-    db_name: str
+    # Defaults written to the pg_service.conf section (None: psql's user/dbname decide).
+    db_user: str | None = None
+    db_name: str | None = None
+    # What the certificate's route binds; a bound value must be used as is.
+    route_db_user: str | None = None
+    route_db_name: str | None = None
     expires: datetime
     service: str  # the pg_service.conf section
     service_file: str  # the file it was written to

@@ -96,7 +96,7 @@ def status_lines(profile: Profile, current: bool = True) -> list[str]:
 def service_params(profile: Profile, record: DbLogin) -> list[tuple[str, str]]:
     """The libpq parameters of a database login, in the order the section lists them."""
     host, port = parse_proxy(profile.data.postgres_addr)
-    return [
+    params = [
         ("host", host),
         ("port", str(port)),
         ("sslmode", "verify-full"),
@@ -104,9 +104,12 @@ def service_params(profile: Profile, record: DbLogin) -> list[tuple[str, str]]:
         ("sslcert", str(profile.db_cert_path(record.name))),
         ("sslkey", str(profile.db_key_path(record.name))),
         ("gssencmode", "disable"),
-        ("user", record.db_user),
-        ("dbname", record.db_name),
     ]
+    if record.db_user:
+        params.append(("user", record.db_user))
+    if record.db_name:
+        params.append(("dbname", record.db_name))
+    return params
 
 
 def write_service(profile: Profile, record: DbLogin) -> None:

@@ -26,7 +26,9 @@ def _run(cluster: ApiCluster, capsys: Capture, *argv: str) -> tuple[int, str, st
 
 def _signup_token(out: str, name: str) -> str:
     match = re.search(
-        rf"tsh login --proxy=proxy\.example\.test:3080 --user={name} --signup-token=(\S+)\n", out
+        rf"tsh login --proxy=proxy\.example\.test:3080 --user={name} "
+        rf"--ca-pin=sha256:[0-9a-f]{{64}} --signup-token=(\S+)\n",
+        out,
     )
     assert match, out
     return match.group(1)

@@ -84,11 +84,13 @@ def test_login_to_two_databases_keeps_the_users_sections(tsh: Tsh, cluster: ApiC
     }
     for name in ("aurora", "metrics"):
         assert stat.S_IMODE((profile / "db" / f"{name}.key").stat().st_mode) == 0o600
-    # The route certificate is the user CA's, for the database and the defaults chosen.
+    # The route certificate is the user CA's, for the database; without --db-user and
+    # --db-name it binds neither (psql's user/dbname choose, the agent's RBAC decides), and
+    # the only values alice's roles allow are the section's defaults.
     user_ca = x509.load_pem_x509_certificate((cluster.data_dir / "ca/user.crt").read_bytes())
     identity = verify_identity((profile / "db" / "aurora.crt").read_bytes(), [user_ca],
                                datetime.now(UTC), "db")
-    assert identity.route == Route(service="aurora", db_user="alice", db_name="postgres")
+    assert identity.route == Route(service="aurora", db_user=None, db_name=None)
 
     listed = tsh("db", "ls").out.splitlines()
     assert listed[2].startswith("> aurora ")
@@ -137,15 +139,19 @@ def test_logout_removes_the_database_sections_too(tsh: Tsh, cluster: ApiCluster)
 
 def test_defaults_and_refusals_come_from_rbac(tsh: Tsh, cluster: ApiCluster) -> None:
     _logged_in(tsh, cluster, "bob")  # db users bob, reporting; db names main, metrics
+    # Several values allowed: the route stays open and the section names no default.
     vague = tsh("db", "login", "aurora")
-    assert vague.code == 1
-    assert "say which db user to use on database 'aurora' with --db-user=...; your roles " \
-           "allow: bob, reporting" in vague.err
+    assert vague.code == 0, vague.err
+    assert "choose the db user and db name in psql" in vague.out
+    assert 'psql "service=root-aurora user=\'<db user>\' dbname=\'<db name>\'"' in vague.out
+    open_section = read_section(tsh.service_file.read_bytes(), "root-aurora")
+    assert open_section is not None and "user" not in open_section
+    assert tsh("db", "logout", "aurora").code == 0
     refused = tsh("db", "login", "--db-user=postgres", "--db-name=main", "aurora")
     assert refused.code == 1
     assert "tsh: error: access denied:" in refused.err
     assert "'postgres'" in refused.err
-    assert not tsh.service_file.exists()
+    assert read_section(tsh.service_file.read_bytes(), "root-aurora") is None
     done = tsh("db", "login", "--db-user=reporting", "--db-name=metrics", "aurora")
     assert done.code == 0, done.err
     section = read_section(tsh.service_file.read_bytes(), "root-aurora")

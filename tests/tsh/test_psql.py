@@ -218,7 +218,7 @@ def test_db_connect_runs_psql_logging_in_first(tmp_path: Path, stack: Stack) -> 
         check=False,
     )
     assert connect.returncode == 0, connect.stderr
-    assert "Logged in to database aurora as alice/metrics." in connect.stderr
+    assert "Logged in to database aurora." in connect.stderr
     assert connect.stdout.strip() == "alice"
     assert os.path.exists(tmp_path / "pg_service.conf")
     # psql's own failure is psql's exit code: tsh is no longer there.
