@@ -30,6 +30,8 @@ import pydantic
 from schemas.api import (
     API_PREFIX,
     BUNDLE_WAIT_MAX_S,
+    AuditAck,
+    AuditBatch,
     DbClientCert,
     DbClientCertRequest,
     Heartbeat,
@@ -144,6 +146,10 @@ class ControlPlaneClient:
 
     async def heartbeat(self, beat: Heartbeat) -> HeartbeatAck:
         return await self._call("POST", "/heartbeat", HeartbeatAck, beat)
+
+    async def send_audit(self, batch: AuditBatch) -> AuditAck:
+        """Deliver audit events; a refusal (4xx) raises ControlPlaneRefused with `status`."""
+        return await self._call("POST", "/audit/events", AuditAck, batch)
 
     async def fetch_bundle(self, after: int, wait: float) -> bytes | None:
         """The bundle file if the control plane has one with a serial above `after`, waiting
