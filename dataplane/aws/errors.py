@@ -43,11 +43,37 @@ _REFUSAL_WORDING = (
 
 
 _PLAIN_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_$]*$")
+# Reserved words that people do pick as account names; they must be quoted in SQL.
+_RESERVED = frozenset(
+    [
+        "all",
+        "user",
+        "current_user",
+        "session_user",
+        "select",
+        "table",
+        "group",
+        "order",
+        "default",
+        "grant",
+        "to",
+        "from",
+        "where",
+        "with",
+        "case",
+        "end",
+        "primary",
+        "references",
+        "check",
+        "column",
+        "constraint",
+    ]
+)
 
 
 def sql_identifier(name: str) -> str:
     """`name` as it must be written in SQL: plain when it can be, double-quoted otherwise."""
-    if _PLAIN_IDENTIFIER.match(name):
+    if _PLAIN_IDENTIFIER.match(name) and name not in _RESERVED:
         return name
     return '"' + name.replace('"', '""') + '"'
 
