@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # Subcommand modules, in the order `tctl --help` lists them.
-SUBCOMMANDS = ["lint", "auth", "status", "reconcile", "bundle", "users", "tokens", "audit"]
+SUBCOMMANDS = ["lint", "auth", "status", "reconcile", "bundle", "users", "tokens", "audit", "db"]
 
 
 DEFAULT_DATA_DIR = "/var/lib/teleport"
