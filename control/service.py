@@ -123,28 +123,35 @@ class ControlPlane:
             else None,
         )
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def start(self) -> None:
+        """Prepare (if not done) and start the API, so that proxies and agents of this
+        process can join it before policy watching begins. Idempotent."""
         if self.watcher is None:
             self.prepare()
-        assert self.watcher is not None
-        log.info(
-            "control plane for cluster %s; policy from %s",
-            self.settings.cluster_name,
-            make_source(self.data_dir, self.settings).describe(),
-        )
+        if self.settings.api_addr and self.api is None:
+            assert self.cas is not None and self.reconciler is not None
+            self.api = ApiServer(
+                self.data_dir, self.settings, self.cas, self.reconciler.key.public_key()
+            )
+            self.reconciler.on_publish = self.api.on_publish
+            await self.api.start()
+
+    async def run(self, stop: asyncio.Event) -> None:
         try:
-            if self.settings.api_addr:
-                assert self.cas is not None and self.reconciler is not None
-                self.api = ApiServer(
-                    self.data_dir, self.settings, self.cas, self.reconciler.key.public_key()
-                )
-                self.reconciler.on_publish = self.api.on_publish
-                await self.api.start()
+            await self.start()
+            assert self.watcher is not None
+            log.info(
+                "control plane for cluster %s; policy from %s",
+                self.settings.cluster_name,
+                make_source(self.data_dir, self.settings).describe(),
+            )
             await self.watcher.run(stop)
         finally:
             if self.api is not None:
-                self.reconciler.on_publish = None  # type: ignore[union-attr]
+                if self.reconciler is not None:
+                    self.reconciler.on_publish = None
                 await self.api.close()
+                self.api = None
             self.close()
 
     def close(self) -> None:

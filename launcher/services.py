@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
 
+from control.ca import host_ca_pin
 from control.service import ControlPlane
 from control.settings import ApiSettings, ControlSettings, SourceSettings
+from control.tokens import TokenStore
+from dataplane.cluster.identity import CredentialsError, JoinError, load_credentials
+from dataplane.runtime import JoinOptions, build_agent, build_proxy
 from launcher.start import Plan, StartError
 from schemas.durations import parse_duration
 from schemas.policy.models import split_host_port
@@ -58,15 +65,98 @@ def _public(listen_addr: str, nodename: str) -> str:
 
 
 async def build_services(plan: Plan) -> list[Service]:
+    """The services of the plan, started far enough for each other to use: the control
+    plane's API listens before this process's proxy and agent join it."""
     services: list[Service] = []
+    auth_addr: str | None = None
+    plane: ControlPlane | None = None
     if "auth" in plan.roles:
         plane = ControlPlane(plan.data_dir, control_settings(plan))
         try:
-            plane.prepare()
+            await plane.start()
         except (ValueError, OSError) as exc:
             raise StartError(str(exc)) from None
         services.append(("auth", plane.run))
-    for role in ("proxy", "db"):
-        if role in plan.roles:
-            raise StartError(f"the {role} role is not available in this build yet")
+        assert plane.api is not None and plane.api.address is not None
+        host, port = plane.api.address
+        auth_addr = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
+    data_roles = [r for r in ("db", "proxy") if r in plan.roles]
+    if not data_roles:
+        return services
+
+    if plane is None:
+        if not plan.auth_servers:
+            raise StartError(
+                "the proxy and db roles join a cluster: give --auth-server (the auth server, "
+                "or a proxy's web address) and --token"
+            )
+        join = JoinOptions(
+            data_dir=plan.data_dir,
+            auth_addr=plan.auth_servers[0],
+            token=plan.token,
+            ca_pin=plan.ca_pin,
+            # Seed 001's join has no pin: trust on first use, with join()'s loud warning.
+            insecure_first_join=plan.ca_pin is None,
+            nodename=plan.nodename,
+        )
+    else:
+        assert auth_addr is not None
+        join = JoinOptions(
+            data_dir=plan.data_dir,
+            auth_addr=auth_addr,
+            token=_local_token(plan.data_dir, data_roles),
+            ca_pin=host_ca_pin(plan.data_dir),
+            nodename=plan.nodename,
+        )
+
+    proxy_config = plan.config.proxy_service
+    local_tunnel = (
+        proxy_config.tunnel_public_addr or _public(proxy_config.tunnel_listen_addr, plan.nodename)
+        if "proxy" in plan.roles
+        else None
+    )
+    try:
+        agent = None
+        if "db" in plan.roles:
+            agent = await build_agent(
+                join,
+                plan.config.db_service,
+                local_tunnel_addr=local_tunnel,
+            )
+            services.append(("db", agent.run))
+        if "proxy" in plan.roles:
+            proxy = await build_proxy(
+                join,
+                proxy_config,
+                api=_in_process_api(plane),
+                local_agent=agent.service if agent is not None else None,  # type: ignore[arg-type]
+            )
+            services.append(("proxy", proxy.run))
+    except (JoinError, CredentialsError) as exc:
+        raise StartError(str(exc)) from None
     return services
+
+
+def _local_token(data_dir: Path, roles: list[str]) -> str | None:
+    """A single-use join token for this process's own proxy and agent, minted only when
+    they have no valid earlier join to load."""
+    needed = []
+    for role in roles:
+        creds = load_credentials(data_dir / role, role)  # type: ignore[arg-type]
+        if creds is None or creds.expired():
+            needed.append(role)
+    if not needed:
+        return None
+    token, _ = TokenStore(data_dir).add(needed, ttl=timedelta(minutes=10), single_use=False)  # type: ignore[arg-type]
+    return token
+
+
+def _in_process_api(plane: ControlPlane | None):  # type: ignore[no-untyped-def]
+    if plane is None or plane.api is None:
+        return None
+    api = plane.api
+
+    async def hand_over(sock: socket.socket, _peer: str) -> None:
+        await api.accept_socket(sock)
+
+    return hand_over

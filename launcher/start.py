@@ -108,6 +108,7 @@ class Plan:
     cluster_name: str
     debug: bool = False
     token: str | None = None
+    ca_pin: str | None = None
     auth_servers: list[str] = field(default_factory=list)
 
 
@@ -193,6 +194,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         cluster_name=cluster,
         debug=args.debug,
         token=token,
+        ca_pin=args.ca_pin or config.teleport.ca_pin,
         auth_servers=list(args.auth_server or config.teleport.auth_servers),
     )
 
@@ -213,6 +215,8 @@ def setup_logging(debug: bool) -> None:
         datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stderr,
     )
+    # watchfiles logs every change it sees at INFO: our own log lines say what it meant.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def install_event_loop() -> None:

@@ -1,0 +1,210 @@
+"""Assemble a proxy or a db agent from its configuration, ready to run.
+
+`teleport-agent run --role=proxy|db` and `teleport start` (which adds the control plane and,
+with both roles in one process, hands connections from the proxy to the agent in-process)
+share this. Each role joins the cluster (or loads its earlier join) under
+`<data_dir>/<role>/`, then runs its link to the control plane (renewal, bundle feed,
+heartbeats, dynamic labels) beside its service. Agents ship audit events through a spool
+under their data dir and refuse new sessions while it is full.
+
+This module only composes: every rule lives in the module it composes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dataplane.agent import AgentService
+from dataplane.agent.catalog import DatabaseCatalog
+from dataplane.agent.interfaces import PasswordProvider
+from dataplane.audit import AuditShipper
+from dataplane.cluster import ClusterLink
+from dataplane.proxy import ProxyService
+from schemas.config import DbService
+from schemas.config import ProxyService as ProxyConfig
+from schemas.policy.models import split_host_port
+
+log = logging.getLogger("teleport.node")
+
+ApiHandler = Callable[[socket.socket, str], Awaitable[None]]
+
+
+@dataclass
+class JoinOptions:
+    """How a data-plane role reaches and joins the cluster."""
+
+    data_dir: Path
+    auth_addr: str
+    token: str | None = None
+    ca_pin: str | None = None
+    insecure_first_join: bool = False
+    nodename: str | None = None
+
+
+@dataclass
+class Node:
+    """A running-to-be proxy or agent: its link to the control plane and its service."""
+
+    role: str
+    link: ClusterLink
+    service: ProxyService | AgentService
+    shipper: AuditShipper | None = None
+    extra: list[Callable[[asyncio.Event], Awaitable[None]]] = field(default_factory=list)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run the link, the service (and the audit shipper) until `stop`."""
+        if self.shipper is not None:
+            await self.shipper.start()
+        tasks = [
+            asyncio.create_task(self.link.run(stop), name=f"{self.role}-link"),
+            asyncio.create_task(self.service.run(stop), name=f"{self.role}-service"),
+            *(asyncio.create_task(fn(stop)) for fn in self.extra),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    stop.set()
+        finally:
+            stop.set()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            if self.shipper is not None:
+                delivered = await self.shipper.close(timeout=5.0)
+                if not delivered:
+                    log.warning("audit events not yet delivered stay in the spool for later")
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+
+
+def _addr(text: str) -> tuple[str, int]:
+    host, port = split_host_port(text)
+    return host, port
+
+
+def certificate_names(addrs: Sequence[str], nodename: str | None) -> tuple[list[str], list[str]]:
+    """The DNS names and IP addresses a proxy's certificate must carry for psql's
+    verify-full: localhost and this host, plus every public address people will type."""
+    dns = ["localhost"]
+    ips = ["127.0.0.1", "::1"]
+    for host in [nodename or socket.gethostname(), *(split_host_port(a)[0] for a in addrs)]:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host and host not in dns:
+                dns.append(host)
+        else:
+            if host not in ips and host not in ("0.0.0.0", "::"):  # noqa: S104
+                ips.append(host)
+    return dns, ips
+
+
+async def build_proxy(
+    join: JoinOptions,
+    config: ProxyConfig,
+    *,
+    api: ApiHandler | None = None,
+    local_agent: AgentService | None = None,
+) -> Node:
+    """A proxy: web port (API and PostgreSQL), tunnel port, optional PostgreSQL port. The
+    API is served in-process by `api`, or relayed unopened to the auth server."""
+    public = [*config.public_addr]
+    if config.postgres_public_addr:
+        public.append(config.postgres_public_addr)
+    dns, ips = certificate_names(public, join.nodename)
+    tunnel_public = config.tunnel_public_addr or _public_addr(
+        config.tunnel_listen_addr, join.nodename
+    )
+    link = await ClusterLink.connect(
+        join.data_dir / "proxy",
+        join.auth_addr,
+        "proxy",
+        token=join.token,
+        ca_pin=join.ca_pin,
+        insecure_first_join=join.insecure_first_join,
+        dns_names=dns,
+        ip_addresses=ips,
+        nodename=join.nodename,
+        public_addr=public[0] if public else _public_addr(config.web_listen_addr, join.nodename),
+        tunnel_addr=tunnel_public,
+    )
+    service = ProxyService(
+        credentials=link.credentials,
+        bundles=link.feed,
+        web_addr=_addr(config.web_listen_addr),
+        tunnel_addr=_addr(config.tunnel_listen_addr),
+        postgres_addr=_addr(config.postgres_listen_addr) if config.postgres_listen_addr else None,
+        api=api,
+        api_upstream=None if api is not None else _addr(join.auth_addr),
+        local_agent=local_agent,
+    )
+    link.renewer.subscribe(service.update_credentials)
+    return Node("proxy", link, service)
+
+
+async def build_agent(
+    join: JoinOptions,
+    config: DbService,
+    *,
+    password_provider: PasswordProvider | None = None,
+    local_tunnel_addr: str | None = None,
+) -> Node:
+    """A db agent serving its configured databases and the bundle's selected ones; it dials
+    every proxy the control plane lists (but `local_tunnel_addr`, its own process's proxy,
+    which hands sessions over in-process)."""
+    catalog: DatabaseCatalog | None = None
+    link = await ClusterLink.connect(
+        join.data_dir / "db",
+        join.auth_addr,
+        "db",
+        token=join.token,
+        ca_pin=join.ca_pin,
+        insecure_first_join=join.insecure_first_join,
+        nodename=join.nodename,
+        databases=config.databases,
+        served=lambda: catalog.infos() if catalog is not None else [],
+    )
+    catalog = DatabaseCatalog(config.databases, config.resources, link.labels.labels)
+    assert link.db_certs is not None
+    shipper = AuditShipper(link.client.send_audit, join.data_dir / "db" / "audit-spool")
+    agent = AgentService(
+        credentials=link.credentials,
+        bundles=link.feed,
+        databases=catalog,
+        db_certs=link.db_certs,
+        audit=shipper,
+        password_provider=password_provider,
+        proxies=_without(link.heartbeat.tunnel_addrs, local_tunnel_addr),
+    )
+
+    def bundle_activated(bundle: object) -> None:
+        if catalog is not None and catalog.bundle_activated(bundle):  # type: ignore[arg-type]
+            agent.labels_changed()
+            link.heartbeat.poke()
+
+    if link.feed.current is not None:
+        catalog.bundle_activated(link.feed.current)
+    link.feed.subscribe(bundle_activated)
+    link.labels.subscribe(lambda _name, _labels: agent.labels_changed())
+    link.heartbeat.on_tunnel_addrs(
+        lambda addrs: agent.set_proxies(_without(addrs, local_tunnel_addr))
+    )
+    link.renewer.subscribe(agent.update_credentials)
+    return Node("db", link, agent, shipper)
+
+
+def _without(addrs: Sequence[str], own: str | None) -> list[str]:
+    return [a for a in addrs if a != own]
+
+
+def _public_addr(listen_addr: str, nodename: str | None) -> str:
+    host, port = split_host_port(listen_addr)
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
+        host = nodename or socket.gethostname()
+    return f"{host}:{port}"
