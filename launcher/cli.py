@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Sequence
 from importlib.metadata import version
 
-SUBCOMMANDS: list[str] = ["start"]
+SUBCOMMANDS: list[str] = ["start", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

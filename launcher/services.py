@@ -64,14 +64,15 @@ def _public(listen_addr: str, nodename: str) -> str:
     return f"{host}:{port}"
 
 
-async def build_services(plan: Plan) -> list[Service]:
+async def build_services(plan: Plan, plane: ControlPlane | None = None) -> list[Service]:
     """The services of the plan, started far enough for each other to use: the control
-    plane's API listens before this process's proxy and agent join it."""
+    plane's API listens before this process's proxy and agent join it. `plane`: a control
+    plane the caller already started (the demo prepares policy before the rest)."""
     services: list[Service] = []
     auth_addr: str | None = None
-    plane: ControlPlane | None = None
     if "auth" in plan.roles:
-        plane = ControlPlane(plan.data_dir, control_settings(plan))
+        if plane is None:
+            plane = ControlPlane(plan.data_dir, control_settings(plan))
         try:
             await plane.start()
         except (ValueError, OSError) as exc:
