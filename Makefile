@@ -7,32 +7,40 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime-installed
+DEV     := $(VENV)/.dev-installed
 
 .PHONY: quickstart test lint bench schemas clean
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "teleport-db needs Python 3.11 or newer, found " + sys.version.split()[0])'
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@touch $(STAMP)
+	$(PYTHON) -m venv $(VENV)
 
-quickstart: $(STAMP)
+# The product alone (what the quick start needs) ...
+$(RUNTIME): pyproject.toml $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	@touch $@
+
+# ... and what the tests need on top.
+$(DEV): pyproject.toml $(RUNTIME)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+quickstart: $(RUNTIME)
 	$(BIN)/teleport demo
 
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/tctl lint policies/
 
-bench: $(STAMP)
-	$(BIN)/python -m bench
+bench: $(DEV)
+	@echo "benchmarks: $(BIN)/python -m bench.<name>  (ls bench/)"
 
-schemas: $(STAMP)
+schemas: $(RUNTIME)
 	$(BIN)/python -m schemas.jsonschema --write
 
 clean:

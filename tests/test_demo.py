@@ -1,0 +1,69 @@
+"""The quick start as a newcomer runs it: `teleport demo --smoke`, a real process."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _free_block(size: int = 4) -> int:
+    """A base port with `size` free ports after it (the demo uses four)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + size > 65535:
+            continue
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no block of free ports")
+
+
+def test_demo_smoke_reaches_psql_through_the_proxy(tmp_path: Path) -> None:
+    teleport = Path(sys.executable).with_name("teleport")
+    proc = subprocess.run(
+        [
+            str(teleport),
+            "demo",
+            "--smoke",
+            "--data-dir",
+            str(tmp_path / "demo"),
+            "--port",
+            str(_free_block()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "smoke test passed" in out
+    # psql ran through the proxy as alice, over TLS to PostgreSQL.
+    assert "alice        | t               | TLSv1." in out
+    # tsh db ls showed the database as seed 001 does.
+    assert "local Local PostgreSQL standing in for Aurora env=dev" in out
+    # The query is in the audit log.
+    assert "db.session.query  alice  local/postgres/alice" in out
+
+
+def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    teleport = Path(sys.executable).with_name("teleport")
+    proc = subprocess.run(
+        [str(teleport), "demo", "--smoke", "--data-dir", str(tmp_path), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "was not made by teleport demo" in proc.stdout
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
