@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Sequence
 from importlib.metadata import version
 
-SUBCOMMANDS: list[str] = []
+SUBCOMMANDS: list[str] = ["run_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

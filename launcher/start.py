@@ -19,12 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.config import (
-    ConfigError,
-    DatabaseConfig,
-    FileConfig,
-    load_config,
-)
+from dataplane.run_cmd import FlagError, database_from_flags
+from schemas.config import ConfigError, FileConfig, load_config
 
 log = logging.getLogger("teleport")
 
@@ -85,18 +81,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_labels(text: str | None) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise StartError(f"--labels: {part!r} is not key=value (e.g. env=test)")
-        labels[key.strip()] = value.strip()
-    return labels
-
-
 @dataclass
 class Plan:
     """What to run: the effective configuration and roles after flags are applied."""
@@ -118,7 +102,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
     except ConfigError as exc:
         raise StartError(str(exc)) from None
 
-    db_flags = [args.db_name, args.db_protocol, args.db_uri, args.db_aws_region]
+    try:
+        flag_db = database_from_flags(args)
+    except FlagError as exc:
+        raise StartError(str(exc)) from None
     if args.roles:
         roles = {r.strip() for r in args.roles.split(",") if r.strip()}
         unknown = roles - set(ROLES) - {"node", "database"}
@@ -138,41 +125,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
             if section.enabled
         }
     else:
-        roles = {"auth", "proxy"} | ({"db"} if any(db_flags) else set())
+        roles = {"auth", "proxy"} | ({"db"} if flag_db is not None else set())
     if not roles:
         raise StartError("nothing to run: enable a service in the config or pass --roles")
 
-    if any(db_flags):
+    if flag_db is not None:
         if "db" not in roles:
             raise StartError("--db-* flags need the db role (--roles=...,db)")
-        missing = [
-            flag
-            for flag, value in (
-                ("--db-name", args.db_name),
-                ("--db-protocol", args.db_protocol),
-                ("--db-uri", args.db_uri),
-            )
-            if not value
-        ]
-        if missing:
-            raise StartError(f"serving a database from flags needs {', '.join(missing)}")
-        try:
-            db = DatabaseConfig.model_validate(
-                {
-                    "name": args.db_name,
-                    "description": args.db_description,
-                    "protocol": args.db_protocol,
-                    "uri": args.db_uri,
-                    "ca_cert_file": args.db_ca_cert,
-                    "labels": parse_labels(args.labels),
-                    **({"aws": {"region": args.db_aws_region}} if args.db_aws_region else {}),
-                }
-            )
-        except ValueError as exc:
-            raise StartError(f"--db-* flags: {_first_error(exc)}") from None
-        config.db_service.databases.append(db)
-    elif args.labels:
-        raise StartError("--labels applies to the database of --db-name")
+        config.db_service.databases.append(flag_db)
 
     data_dir = Path(
         args.data_dir or os.environ.get("TELEPORT_DATA_DIR") or config.teleport.data_dir
@@ -197,15 +157,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         ca_pin=args.ca_pin or config.teleport.ca_pin,
         auth_servers=list(args.auth_server or config.teleport.auth_servers),
     )
-
-
-def _first_error(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return f"{where}: {str(first.get('msg', '')).removeprefix('Value error, ')}"
-    return str(exc)
 
 
 def setup_logging(debug: bool) -> None:

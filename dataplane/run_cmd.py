@@ -1,0 +1,191 @@
+"""`teleport-agent run --role=proxy|db`: one data-plane service on its own host.
+
+The same flags and configuration file as `teleport start` for that role (seed 001's
+`--token --auth-server --db-name --db-protocol --db-uri --db-aws-region --labels`), without
+a control plane in the process: a proxy relays API connections unopened to the auth server
+and receives agents on its tunnel port; an agent dials every proxy of the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from dataplane.cluster.identity import CredentialsError, JoinError
+from dataplane.runtime import JoinOptions, Node, build_agent, build_proxy
+from schemas.config import ConfigError, DatabaseConfig, FileConfig, load_config
+
+log = logging.getLogger("teleport.agent")
+
+
+class RunError(Exception):
+    """Bad flags or configuration: printed without a traceback, exit code 2."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a proxy or a database agent",
+        description="Run one data-plane service. Examples:\n\n"
+        "  teleport-agent run --role=db --token=TOKEN --auth-server=proxy.example.com:3080 \\\n"
+        "      --ca-pin=sha256:... --db-name=test --db-protocol=postgres \\\n"
+        "      --db-uri=db.example.com:5432 --labels=env=test\n"
+        "  teleport-agent run --role=proxy --token=TOKEN --auth-server=auth.example.com:3025\n"
+        "  teleport-agent run --role=db --config=/etc/teleport-db.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--role", required=True, choices=["proxy", "db"], help="which service")
+    p.add_argument("-c", "--config", type=Path, help="teleport.yaml to read")
+    p.add_argument("-d", "--debug", action="store_true", help="log at debug level")
+    p.add_argument("--data-dir", help="data directory (default /var/lib/teleport)")
+    p.add_argument("--nodename", help="name of this host (default: the host name)")
+    p.add_argument("--token", help="join token, or a file holding it (first start only)")
+    p.add_argument(
+        "--auth-server",
+        help="auth server address, or a proxy's web address (host:port)",
+    )
+    p.add_argument(
+        "--ca-pin",
+        help="sha256:<hex> of the cluster's host CA (`tctl status`); without it the first "
+        "join trusts the server it reaches, with a warning",
+    )
+    g = p.add_argument_group("database (role db)")
+    g.add_argument("--db-name")
+    g.add_argument("--db-protocol")
+    g.add_argument("--db-uri")
+    g.add_argument("--db-aws-region")
+    g.add_argument("--db-ca-cert")
+    g.add_argument("--db-description", default="")
+    g.add_argument("--labels", help="static labels, e.g. env=test,team=payments")
+    p.set_defaults(func=run)
+
+
+class FlagError(ValueError):
+    """Seed 001's --db-* / --labels flags do not describe a database; says which flag."""
+
+
+def parse_labels(text: str | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if part.strip():
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise FlagError(f"--labels: {part!r} is not key=value (e.g. env=test)")
+            labels[key.strip()] = value.strip()
+    return labels
+
+
+def database_from_flags(args: argparse.Namespace) -> DatabaseConfig | None:
+    """The database of seed 001's --db-* flags, validated like a config file entry; None
+    when no --db-* flag is given. Used by `teleport-agent run` and `teleport start`."""
+    if not any([args.db_name, args.db_protocol, args.db_uri, args.db_aws_region]):
+        if args.labels:
+            raise FlagError("--labels applies to the database of --db-name")
+        return None
+    missing = [
+        flag
+        for flag, value in (
+            ("--db-name", args.db_name),
+            ("--db-protocol", args.db_protocol),
+            ("--db-uri", args.db_uri),
+        )
+        if not value
+    ]
+    if missing:
+        raise FlagError(f"serving a database from flags needs {', '.join(missing)}")
+    try:
+        return DatabaseConfig.model_validate(
+            {
+                "name": args.db_name,
+                "description": args.db_description,
+                "protocol": args.db_protocol,
+                "uri": args.db_uri,
+                "ca_cert_file": args.db_ca_cert,
+                "labels": parse_labels(args.labels),
+                **({"aws": {"region": args.db_aws_region}} if args.db_aws_region else {}),
+            }
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        msg = str(first.get("msg", "")).removeprefix("Value error, ")
+        raise FlagError(f"--db-* flags: {where}: {msg}") from None
+
+
+async def build(args: argparse.Namespace, config: FileConfig) -> Node:
+    data_dir = Path(
+        args.data_dir or os.environ.get("TELEPORT_DATA_DIR") or config.teleport.data_dir
+    )
+    auth = args.auth_server or (config.teleport.auth_servers or [None])[0]
+    if not auth:
+        raise RunError("say where the cluster is: --auth-server host:port")
+    token = args.token or config.teleport.auth_token
+    if token and os.path.isfile(token):
+        token = Path(token).read_text().strip()
+    pin = args.ca_pin or config.teleport.ca_pin
+    join = JoinOptions(
+        data_dir=data_dir,
+        auth_addr=auth,
+        token=token,
+        ca_pin=pin,
+        insecure_first_join=pin is None,
+        nodename=args.nodename or config.teleport.nodename or socket.gethostname(),
+    )
+    try:
+        if args.role == "proxy":
+            return await build_proxy(join, config.proxy_service)
+        db = database_from_flags(args)
+        if db is not None:
+            config.db_service.databases.append(db)
+        if not config.db_service.databases and not config.db_service.resources:
+            raise RunError(
+                "this agent would serve nothing: give --db-name/--db-protocol/--db-uri, or "
+                "db_service.databases or db_service.resources in --config"
+            )
+        return await build_agent(join, config.db_service)
+    except (JoinError, CredentialsError, FlagError) as exc:
+        raise RunError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)-5s [%(name)s] %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    try:
+        config = load_config(args.config) if args.config else FileConfig()
+    except ConfigError as exc:
+        print(f"teleport-agent: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover
+        pass
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        node = await build(args, config)
+        await node.run(stop)
+
+    try:
+        asyncio.run(main())
+    except RunError as exc:
+        print(f"teleport-agent: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
