@@ -4,6 +4,9 @@
   boto3-signed IAM token per connection (`tokens.py`);
 - `AwsAuthError` and its kinds (`NoCredentials`, `CredentialsUnusable`, `RegionMissing`,
   `InvalidRegion`): problems as message + hint, ready to become a psql ErrorResponse;
+- `preflight(spec)`: the settings problems found without I/O (RDS endpoint without region,
+  region not matching the endpoint, no CA to verify RDS with), for the agent to report
+  before it dials;
 - `explain_upstream_auth_failure`: what to check when the database refuses the token.
 
 Nothing here logs or keeps a token or a secret key.
@@ -23,6 +26,8 @@ from dataplane.aws.tokens import (
     TOKEN_LIFETIME_SECONDS,
     RdsTokenProvider,
     endpoint_region,
+    preflight,
+    settings_problem,
     token_host,
 )
 
@@ -37,6 +42,8 @@ __all__ = [
     "RegionMissing",
     "endpoint_region",
     "explain_upstream_auth_failure",
+    "preflight",
+    "settings_problem",
     "sql_identifier",
     "token_host",
 ]

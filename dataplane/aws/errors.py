@@ -111,11 +111,12 @@ class InvalidRegion(AwsAuthError):
 
 
 def explain_upstream_auth_failure(
-    database: str, db_user: str, server_error: m.ErrorResponse
+    database: str, db_user: str, server_error: m.ErrorResponse, *, region: str | None = None
 ) -> tuple[str, str] | None:
     """Message and hint for an RDS/Aurora database that refused the agent's IAM token.
 
-    Returns None when `server_error` is not a refused login (a missing database, too many
+    `region` is the one the token was signed for (the hint asks to check it). Returns None
+    when `server_error` is not a refused login (a missing database, too many
     connections...): those are passed to the client as the server said them.
     """
     sqlstate = server_error.sqlstate
@@ -128,13 +129,19 @@ def explain_upstream_auth_failure(
             f"database {database!r} refused the IAM authentication token for db user "
             f"{db_user!r} (the server said: {server_error.message})"
         )
-        hint = (
-            f"the database account needs the rds_iam role (GRANT rds_iam TO {ident};), "
-            "IAM database authentication must be on for the instance, and the AWS identity "
-            f"of the db agent needs rds-db:connect on this database: `tctl db iam-policy "
-            f"{database}` prints that IAM policy. The agent host's clock must be right: a "
-            "token is valid for 15 minutes from when it is signed."
-        )
+        checks = [
+            f"the database account needs the rds_iam role (GRANT rds_iam TO {ident};), IAM "
+            "database authentication must be on for the instance, and the AWS identity of the "
+            f"db agent needs rds-db:connect on this database: `tctl db iam-policy {database}` "
+            "prints that IAM policy.",
+            "The agent host's clock must be right: a token is valid for 15 minutes from when "
+            "it is signed.",
+        ]
+        if region:
+            checks.insert(
+                1, f"The token was signed for region {region}: it must be the database's."
+            )
+        hint = " ".join(checks)
         return message, hint
     if "role" in text and "does not exist" in text:
         message = f"database {database!r} has no account {db_user!r} ({server_error.message})"

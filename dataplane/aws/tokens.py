@@ -56,6 +56,8 @@ __all__ = [
     "TOKEN_LIFETIME_SECONDS",
     "RdsTokenProvider",
     "endpoint_region",
+    "preflight",
+    "settings_problem",
     "token_host",
 ]
 
@@ -130,6 +132,69 @@ def _policy_pointer(database: str) -> str:
     return f"`tctl db iam-policy {database}` prints the IAM policy it needs"
 
 
+def preflight(spec: BundleDatabase) -> AwsAuthError | None:
+    """What is wrong with an AWS database's settings, found without I/O (None: nothing):
+    `settings_problem`'s, or no `ca_cert_file` to verify RDS with. The agent calls it
+    before it dials, so the person sees the configuration problem rather than a refused
+    token or a failed TLS handshake."""
+    problem = settings_problem(spec)
+    if problem is None and spec.aws_region is not None and not spec.ca_cert_file:
+        problem = AwsAuthError(
+            f"database {spec.name!r} has an AWS region but no ca_cert_file: the agent cannot "
+            "verify the RDS server's certificate, and sends IAM tokens only to a verified "
+            "server",
+            "download the RDS CA bundle (https://truststore.pki.rds.amazonaws.com/global/"
+            "global-bundle.pem) to the agent host and set spec.ca_cert_file (or --db-ca-cert) "
+            "to its path",
+        )
+    return problem
+
+
+def settings_problem(spec: BundleDatabase) -> AwsAuthError | None:
+    """The region problems of a database, without I/O: an RDS endpoint without a region, a
+    region that is not a region name or not the one in the endpoint's name, a uri that is
+    not host:port (None: nothing wrong)."""
+    try:
+        host, _ = split_host_port(spec.uri)
+    except ValueError:
+        return AwsAuthError(
+            f"database {spec.name!r} has uri {spec.uri!r}, which is not host:port",
+            "write the database endpoint as host:port, e.g. "
+            "mydb.abcdefghijkl.us-west-1.rds.amazonaws.com:5432",
+        )
+    in_name = endpoint_region(host)
+    region = spec.aws_region
+    if region is None:
+        if in_name is None:
+            return None
+        return RegionMissing(
+            f"database {spec.name!r} at {spec.uri} is an AWS RDS endpoint, but no AWS region "
+            "is set for it, so the agent cannot sign an IAM token",
+            f"set the region the database is in: `aws: {{region: {in_name}}}` in its spec "
+            f"(databases/{spec.name}.yaml), aws.region in the agent's teleport.yaml, or "
+            f"--db-aws-region={in_name}",
+        )
+    if not AWS_REGION_RE.match(region):
+        return _unknown_region(spec.name, region, in_name)
+    if in_name is not None and in_name != region:
+        return InvalidRegion(
+            f"AWS region {region!r} of database {spec.name!r} is not the region of its "
+            f"endpoint {host}, which is in {in_name}",
+            f"RDS refuses a token signed for another region: set spec.aws.region to {in_name} "
+            f"(or --db-aws-region={in_name})",
+        )
+    return None
+
+
+def _unknown_region(database: str, region: str, example: str | None = None) -> InvalidRegion:
+    return InvalidRegion(
+        f"AWS region {region!r} of database {database!r} is not a region boto3 knows",
+        f"set the region the database is deployed in, e.g. {example or 'us-west-1'}, in its "
+        "spec.aws.region (or --db-aws-region); if AWS opened this region recently, upgrade "
+        "boto3 on the agent host",
+    )
+
+
 class RdsTokenProvider:
     """Signs RDS IAM tokens for the agent's databases that have an AWS region.
 
@@ -175,17 +240,10 @@ class RdsTokenProvider:
 
     async def password_for(self, spec: BundleDatabase, db_user: str) -> str | None:
         """A fresh IAM token when `spec` is an AWS database, else the fallback's answer."""
-        host, _ = self._address(spec)
+        problem = settings_problem(spec)
+        if problem is not None:
+            raise problem
         if spec.aws_region is None:
-            suggested = endpoint_region(host)
-            if suggested is not None:
-                raise RegionMissing(
-                    f"database {spec.name!r} at {spec.uri} is an AWS RDS endpoint, but no "
-                    "AWS region is set for it, so the agent cannot sign an IAM token",
-                    f"set the region the database is in: `aws: {{region: {suggested}}}` in "
-                    f"its spec (databases/{spec.name}.yaml), aws.region in the agent's "
-                    f"teleport.yaml, or --db-aws-region={suggested}",
-                )
             if self._fallback is None:
                 return None
             return await self._fallback(spec.name, db_user)
@@ -200,14 +258,17 @@ class RdsTokenProvider:
         instance metadata service; refreshing temporary credentials may call AWS. Call it
         in a worker thread (`password_for` does).
         """
+        problem = settings_problem(spec)
+        if problem is not None:
+            raise problem
         region = spec.aws_region
         if region is None:
             raise RegionMissing(
                 f"database {spec.name!r} has no AWS region",
                 "set spec.aws.region (or --db-aws-region) to sign IAM tokens for it",
             )
-        host, port = self._address(spec)
-        client = self._client(spec.name, host, region)
+        host, port = split_host_port(spec.uri)
+        client = self._client(spec.name, region)
         try:
             return str(
                 client.generate_db_auth_token(
@@ -221,19 +282,9 @@ class RdsTokenProvider:
                 self._forget()
             raise self._unusable(spec.name, str(exc)) from None
 
-    def _address(self, spec: BundleDatabase) -> tuple[str, int]:
-        try:
-            return split_host_port(spec.uri)
-        except ValueError:
-            raise AwsAuthError(
-                f"database {spec.name!r} has uri {spec.uri!r}, which is not host:port",
-                "write the database endpoint as host:port, e.g. "
-                "mydb.abcdefghijkl.us-west-1.rds.amazonaws.com:5432",
-            ) from None
-
-    def _client(self, database: str, host: str, region: str) -> Any:
+    def _client(self, database: str, region: str) -> Any:
         with self._lock:
-            self._check_region(database, host, region)
+            self._check_region(database, region)
             if self._failure is not None:
                 at, make = self._failure
                 if time.monotonic() - at < self.retry_after:
@@ -293,23 +344,9 @@ class RdsTokenProvider:
             self._known_regions = frozenset(regions)
         return self._known_regions
 
-    def _check_region(self, database: str, host: str, region: str) -> None:
-        in_name = endpoint_region(host)
-        example = in_name or "us-west-1"
-        if not AWS_REGION_RE.match(region) or region not in self._regions():
-            raise InvalidRegion(
-                f"AWS region {region!r} of database {database!r} is not a region boto3 knows",
-                f"set the region the database is deployed in, e.g. {example}, in its "
-                "spec.aws.region (or --db-aws-region); if AWS opened this region recently, "
-                "upgrade boto3 on the agent host",
-            )
-        if in_name is not None and in_name != region:
-            raise InvalidRegion(
-                f"AWS region {region!r} of database {database!r} is not the region of its "
-                f"endpoint {host}, which is in {in_name}",
-                f"RDS refuses a token signed for another region: set spec.aws.region to "
-                f"{in_name} (or --db-aws-region={in_name})",
-            )
+    def _check_region(self, database: str, region: str) -> None:
+        if region not in self._regions():
+            raise _unknown_region(database, region)
 
     # ---------------------------------------------------------------- messages
 

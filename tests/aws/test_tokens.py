@@ -24,6 +24,7 @@ from dataplane.aws import (
     RdsTokenProvider,
     RegionMissing,
     endpoint_region,
+    preflight,
 )
 from schemas.bundle import BundleDatabase
 from tests.aws.conftest import OTHER_KEY, TEST_KEY, AwsEnv
@@ -462,3 +463,18 @@ def test_the_validity_window_is_checked_both_ways() -> None:
             check(token)
         assert exc.value.reason == reason
     check(sign_token(TEST_KEY, HOST, 5432, "alice", "us-west-1", now - timedelta(minutes=14)))
+
+
+def test_preflight_before_dialling() -> None:
+    """What the agent checks before it connects: the region settings, and a CA to verify
+    RDS with (IAM tokens go only to a verified server)."""
+    no_ca = BundleDatabase(name="aurora", uri=f"{HOST}:5432", aws_region="us-west-1")
+    problem = preflight(no_ca)
+    assert problem is not None
+    assert "'aurora' has an AWS region but no ca_cert_file" in problem.message
+    assert "global-bundle.pem" in problem.hint and "--db-ca-cert" in problem.hint
+    assert preflight(no_ca.model_copy(update={"ca_cert_file": "/etc/rds-ca.pem"})) is None
+    assert preflight(BundleDatabase(name="local", uri="127.0.0.1:5432")) is None
+    assert isinstance(preflight(BundleDatabase(name="a", uri=f"{HOST}:5432")), RegionMissing)
+    wrong = BundleDatabase(name="a", uri=f"{HOST}:5432", aws_region="eu-west-1", ca_cert_file="x")
+    assert isinstance(preflight(wrong), InvalidRegion)
