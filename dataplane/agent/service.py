@@ -9,6 +9,8 @@ Constructor (keyword-only):
     db_certs         DbClientCertsLike     client certificates (CN = db user) for PostgreSQL
     audit            AuditSink | None      where audit events go (None: no audit)
     password_provider                      async (database, db_user) -> password | None
+                                           (default: IAM tokens for databases with an AWS
+                                           region, `dataplane.aws.RdsTokenProvider`)
     proxies          list of host:port     the proxies' tunnel addresses (`set_proxies`
                                            replaces it; give it to whoever learns the list)
     pool_size        int                   idle data connections kept per proxy (8)
@@ -33,6 +35,7 @@ from dataplane.agent.engine import ClientSide, PostgresEngine
 from dataplane.agent.interfaces import AuditSink, DatabasesLike, DbClientCertsLike, PasswordProvider
 from dataplane.agent.sessions import SessionRegistry
 from dataplane.agent.upstream import UpstreamConnector
+from dataplane.aws import RdsTokenProvider
 from dataplane.relay import Inbox
 from dataplane.tunnel.client import DataConn, TunnelClient
 from dataplane.tunnel.frames import CancelStart, ServedDatabase, SessionStart
@@ -72,6 +75,8 @@ class AgentService:
         self.databases = databases
         self.audit = audit
         self.registry = SessionRegistry()
+        if password_provider is None:
+            password_provider = RdsTokenProvider(lambda name: databases.served().get(name))
         self.connector = UpstreamConnector(
             db_certs, password_provider=password_provider, bundle=lambda: self.bundles.current
         )

@@ -12,7 +12,10 @@
 5. collects ParameterStatus, BackendKeyData and the first ReadyForQuery.
 A server ErrorResponse (unknown role, no such database, too many connections) comes back
 unchanged in `UpstreamError.error`, for the client to see exactly what PostgreSQL said;
-our own failures are FATAL errors that say what failed and what to check.
+our own failures are FATAL errors that say what failed and what to check. For a database
+with an AWS region (RDS/Aurora, IAM tokens from `dataplane.aws`), its settings are checked
+before dialling, and a refused token comes back with what to check (`rds_iam`, the IAM
+policy); the provider's problems (no AWS credentials, a wrong region) keep their hint.
 
 `cancel(spec, db_user, key)` sends a CancelRequest the way libpq does, over TLS.
 
@@ -31,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from dataplane.agent.interfaces import DbClientCertsLike, PasswordProvider
+from dataplane.aws import AwsAuthError, explain_upstream_auth_failure, preflight
 from dataplane.postgres import (
     BACKEND,
     ClientAuthenticator,
@@ -42,7 +46,10 @@ from dataplane.postgres import (
 )
 from dataplane.postgres import messages as m
 from dataplane.postgres.auth import AuthenticationError, AuthenticationRejected
-from dataplane.postgres.errors import SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+from dataplane.postgres.errors import (
+    INVALID_AUTHORIZATION_SPECIFICATION,
+    SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+)
 from dataplane.relay import ConnectionClosed, Inbox
 from schemas.bundle import Bundle, BundleDatabase
 from transport.tls import client_context
@@ -124,6 +131,17 @@ class _LoginReader:
         data = bytes(self.buf)
         self.buf.clear()
         return data
+
+
+def _explained(spec: BundleDatabase, db_user: str, error: m.ErrorResponse) -> m.ErrorResponse:
+    """An RDS/Aurora refusal of the IAM token, with what to check (rds_iam, the IAM policy)."""
+    if spec.aws_region is None:
+        return error
+    explained = explain_upstream_auth_failure(spec.name, db_user, error, region=spec.aws_region)
+    if explained is None:
+        return error
+    message, hint = explained
+    return fatal(error.sqlstate or INVALID_AUTHORIZATION_SPECIFICATION, message, hint=hint)
 
 
 def _fail(message: str, hint: str | None = None) -> UpstreamError:
@@ -266,6 +284,9 @@ class UpstreamConnector:
         db_name: str,
         parameters: Mapping[str, str],
     ) -> Upstream:
+        aws_problem = preflight(spec)  # RDS settings wrong: say so before dialling
+        if aws_problem is not None:
+            raise UpstreamError(aws_problem.error_response())
         transport, inbox = await self._open_tls(spec, db_user)
         try:
             startup = {"user": db_user, "database": db_name, **parameters}
@@ -307,7 +328,7 @@ class UpstreamConnector:
                     )
         except AuthenticationRejected as exc:
             transport.abort()
-            raise UpstreamError(exc.error, from_server=True) from None
+            raise UpstreamError(_explained(spec, db_user, exc.error), from_server=True) from None
         except AuthenticationError as exc:
             transport.abort()
             raise UpstreamError(
@@ -322,6 +343,8 @@ class UpstreamConnector:
             return None
         try:
             return await self.password_provider(spec.name, db_user)
+        except AwsAuthError as exc:  # no AWS credentials, a wrong region: message and hint
+            raise UpstreamError(exc.error_response()) from None
         except Exception as exc:
             raise _fail(
                 f"could not get a password for db user {db_user!r} on database {spec.name!r}: "
