@@ -22,6 +22,7 @@ Test scaffolding only; this is a stand-in for AWS, never used by the product.
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -126,11 +127,19 @@ def sign_token(
     return f"{url[len('https://') :]}&X-Amz-Signature={signature}"
 
 
+_TOKEN_CHARS = re.compile(r"^[A-Za-z0-9\-._~%/?&=:\[\]]+$")
+_SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
+
+
 def _parse(token: str) -> tuple[str, str, list[tuple[str, str]]]:
-    if "://" in token or len(token) > 4096:
-        raise TokenRejected("malformed", "a token is host:port/?query, without a scheme")
-    parts = urlsplit("https://" + token)
-    if parts.path != "/" or not parts.query or parts.fragment:
+    if len(token) > 4096 or not _TOKEN_CHARS.match(token) or "://" in token:
+        raise TokenRejected("malformed", "a token is host:port/?query in URL characters")
+    try:
+        parts = urlsplit("https://" + token)
+        port = parts.port
+    except ValueError as exc:
+        raise TokenRejected("malformed", f"the token's host:port is garbled: {exc}") from None
+    if port is None or parts.path != "/" or not parts.query or parts.fragment:
         raise TokenRejected("malformed", "a token is host:port/?query")
     pairs = []
     for item in parts.query.split("&"):
@@ -195,7 +204,8 @@ def verify_token(
     expected = _signature(
         _auth(credentials, scope_region, scope_service, expires), unsigned, timestamp
     )
-    if not hmac.compare_digest(expected, values["X-Amz-Signature"]):
+    given = values["X-Amz-Signature"]
+    if not _SIGNATURE.match(given) or not hmac.compare_digest(expected, given):
         raise TokenRejected("signature", "the signature does not match the trusted secret key")
 
     # The signature is good: now what it covers must be what this server expects.
