@@ -20,10 +20,13 @@ credentials file fixed or an instance role attached is picked up without a resta
 
 Problems become `dataplane.aws.errors` values with a message and a hint: no credentials
 (where boto3 looked and what to set), credentials that cannot be used, a region missing,
-unknown to boto3, or not the one in the RDS endpoint's name.
+unknown to boto3, or not the one in the RDS endpoint's name. `preflight(spec)` finds the
+settings problems without I/O (and a missing `ca_cert_file`), for the agent to report
+before it dials.
 
 This module never logs, prints or keeps a token or a secret: it logs only where the
-credentials came from (boto3's method name, e.g. "env" or "iam-role").
+credentials came from (boto3's method name, e.g. "env" or "iam-role"), and it filters the
+DEBUG records of botocore's signer, which would print the signature.
 """
 
 from __future__ import annotations
