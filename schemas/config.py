@@ -26,6 +26,7 @@ from schemas.policy.models import (
     Duration,
     HostPort,
     PolicyValueError,
+    split_host_port,
 )
 
 DEFAULT_DATA_DIR = "/var/lib/teleport"
@@ -195,6 +196,18 @@ class DatabaseConfig(ConfigModel):
                     at=("commands", i, "name"),
                 )
             seen.add(command.name)
+        return self
+
+    @model_validator(mode="after")
+    def _rds_needs_region(self) -> DatabaseConfig:
+        host, _ = split_host_port(self.uri)
+        if host.endswith(".rds.amazonaws.com") and self.aws is None:
+            raise PolicyValueError(
+                f"{host} is an AWS RDS/Aurora endpoint: set aws.region (or --db-aws-region) "
+                "so the agent can sign IAM authentication tokens",
+                rule="rds-needs-region",
+                at=("uri",),
+            )
         return self
 
     @model_validator(mode="before")

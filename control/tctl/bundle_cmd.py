@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.set_defaults(func=run_verify)
 
 
-def _store_and_key(args: argparse.Namespace) -> tuple[BundleStore, dict, str]:
+def store_and_key(args: argparse.Namespace) -> tuple[BundleStore, dict, str]:
     data_dir = data_dir_of(args)
     settings = load_settings(data_dir)
     if settings is None:
@@ -85,7 +85,7 @@ def _store_and_key(args: argparse.Namespace) -> tuple[BundleStore, dict, str]:
     return BundleStore(data_dir / "bundles"), {key_id(pub): pub}, settings.cluster_name
 
 
-def _load(store: BundleStore, keys: dict, cluster: str, serial: int) -> Bundle:
+def load_kept(store: BundleStore, keys: dict, cluster: str, serial: int) -> Bundle:
     try:
         data = store.read(serial)
     except FileNotFoundError as exc:
@@ -97,14 +97,14 @@ def _load(store: BundleStore, keys: dict, cluster: str, serial: int) -> Bundle:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    store, keys, cluster = _store_and_key(args)
+    store, keys, cluster = store_and_key(args)
     serial = args.serial
     if serial is None:
         in_force = load_state(data_dir_of(args) / "state.json").in_force
         if in_force is None:
             raise UsageError("no bundle has been published yet")
         serial = in_force.serial
-    bundle = _load(store, keys, cluster, serial)
+    bundle = load_kept(store, keys, cluster, serial)
     if args.format == "json":
         print(json.dumps(bundle.model_dump(mode="json"), indent=2, sort_keys=True))
     else:
@@ -113,9 +113,9 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    store, keys, cluster = _store_and_key(args)
-    old = _load(store, keys, cluster, args.a)
-    new = _load(store, keys, cluster, args.b)
+    store, keys, cluster = store_and_key(args)
+    old = load_kept(store, keys, cluster, args.a)
+    new = load_kept(store, keys, cluster, args.b)
     print("\n".join(diff_bundles(old, new)))
     return 0
 
@@ -132,7 +132,7 @@ def run_verify(args: argparse.Namespace) -> int:
             raise UsageError(f"--key is not a base64 Ed25519 public key: {exc}") from None
         keys = {key_id(pub): pub}
     else:
-        _, keys, _ = _store_and_key(args)
+        _, keys, _ = store_and_key(args)
     cluster = args.cluster
     if cluster is None:
         settings = load_settings(data_dir_of(args, must_exist=False))

@@ -28,7 +28,7 @@ from botocore.regions import EndpointResolver
 
 from control.state import load_state
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
-from control.tctl.bundle_cmd import _load, _store_and_key
+from control.tctl.bundle_cmd import load_kept, store_and_key
 from schemas.bundle import Bundle
 from schemas.policy.models import AWS_REGION_RE
 
@@ -155,11 +155,11 @@ def run_iam_policy(args: argparse.Namespace) -> int:
 
 
 def _bundle_in_force(args: argparse.Namespace) -> Bundle | None:
-    store, keys, cluster = _store_and_key(args)
+    store, keys, cluster = store_and_key(args)
     in_force = load_state(data_dir_of(args) / "state.json").in_force
     if in_force is None:
         return None
-    return _load(store, keys, cluster, in_force.serial)
+    return load_kept(store, keys, cluster, in_force.serial)
 
 
 def _region_of(args: argparse.Namespace) -> tuple[str, list[str]]:

@@ -166,6 +166,8 @@ def start_command(
             flags.append(f"--db-uri={db.uri}")
         if db.aws_region:
             flags.append(f"--db-aws-region={db.aws_region}")
+            # RDS certificates chain to Amazon's RDS CA, which the agent must be given.
+            flags.append("--db-ca-cert=/path/to/rds-global-bundle.pem")
         if db.labels:
             flags.append("--labels=" + ",".join(f"{k}={v}" for k, v in db.labels.items()))
     quoted = [shlex.quote(f) for f in flags]

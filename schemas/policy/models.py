@@ -260,7 +260,7 @@ class User(StrictModel):
 HOST_PORT_RE = re.compile(
     r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):(?P<port>\d{1,5})$"
 )
-AWS_REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d{1,2}$")
+AWS_REGION_RE = re.compile(r"^[a-z]{2,4}(-gov|-iso[a-z]*)?-[a-z]+-\d{1,2}$")
 
 
 def _check_host_port(value: str) -> str:
