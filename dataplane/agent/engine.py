@@ -47,7 +47,7 @@ from dataplane.postgres import messages as m
 from dataplane.postgres.errors import ADMIN_SHUTDOWN, INVALID_AUTHORIZATION_SPECIFICATION
 from dataplane.relay import Inbox, Relay
 from dataplane.tunnel.frames import FrameError, SessionStart
-from dataplane.tunnel.hosts import BundleSourceLike, certificates
+from dataplane.tunnel.hosts import BundleSourceLike, IdentityCache
 from dataplane.tunnel.routing import TargetRefused, resolve_target, upstream_parameters
 from schemas.bundle import Bundle
 from schemas.identity import (
@@ -95,10 +95,6 @@ class ClientSide:
             on_end()
 
 
-def _user_cas(bundle: Bundle) -> list[Any]:
-    return certificates(bundle.cas.user)
-
-
 def _when(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -127,6 +123,7 @@ class PostgresEngine:
         self.registry = registry if registry is not None else SessionRegistry()
         self._now = now or (lambda: datetime.now(UTC))
         self.closing = False
+        self.identities = IdentityCache()
         self._ended = asyncio.Event()
         self._ended.set()
 
@@ -168,7 +165,7 @@ class PostgresEngine:
         now = self._now()
         try:
             der = start.certificate_der()
-            identity = verify_identity(der, _user_cas(bundle), now, "db")
+            identity = self.identities.verify(der, bundle.cas.user, now, "db")
         except (IdentityError, FrameError) as exc:
             context["user"] = _unverified_name(start)
             refuse(f"the client certificate was refused: {exc}")
@@ -342,7 +339,7 @@ class PostgresEngine:
     def recheck(self, bundle: Bundle) -> int:
         """Re-decide every live session against `bundle`; returns how many were ended."""
         ended = 0
-        cas = _user_cas(bundle) if bundle.cas.user else []
+        cas = self.identities.trusted(bundle.cas.user) if bundle.cas.user else []
         for session in self.registry:
             if session.ending:
                 continue

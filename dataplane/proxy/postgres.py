@@ -35,8 +35,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives import serialization
-
 from dataplane.postgres import (
     DEFAULT_MAX_STARTUP_SIZE,
     ProtocolError,
@@ -53,12 +51,17 @@ from dataplane.postgres.errors import (
 from dataplane.proxy.cancel import LOCAL, CancelKeys
 from dataplane.relay import ConnectionClosed, Inbox, Relay
 from dataplane.tunnel.frames import CancelStart, SessionStart
-from dataplane.tunnel.hosts import AuditSink, BundleSourceLike, TlsContexts, certificates
+from dataplane.tunnel.hosts import (
+    AuditSink,
+    BundleSourceLike,
+    IdentityCache,
+    TlsContexts,
+    peer_certificate,
+)
 from dataplane.tunnel.routing import TargetRefused, resolve_target
 from dataplane.tunnel.server import AgentUnavailable, SessionRefused, TunnelServer
 from schemas.audit import SessionStartEvent
-from schemas.identity import Identity, IdentityError, verify_identity
-from transport.tls import peer_chain
+from schemas.identity import Identity, IdentityError
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ class PostgresFrontend:
         self.host_id = host_id
         self.startup_timeout = startup_timeout
         self.relays: set[Relay] = set()
+        self.identities = IdentityCache()
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -263,16 +267,14 @@ class PostgresFrontend:
         bundle = self.bundles.current
         if bundle is None:
             raise refuse("the proxy has no policy bundle in force yet; try again in a moment")
-        chain = peer_chain(transport)
-        if not chain:
+        der = peer_certificate(transport)
+        if der is None:
             raise refuse(
                 "no client certificate was presented: connect with sslcert/sslkey from "
                 "`tsh db login`"
             )
         try:
-            identity = verify_identity(
-                chain, certificates(bundle.cas.user), datetime.now(UTC), "db"
-            )
+            identity = self.identities.verify(der, bundle.cas.user, datetime.now(UTC), "db")
         except IdentityError as exc:
             raise refuse(f"the client certificate was refused: {exc}") from None
         try:
@@ -286,9 +288,7 @@ class PostgresFrontend:
         start = SessionStart(
             session_id=session_id,
             service=service,
-            client_cert=SessionStart.encode_certificate(
-                chain[0].public_bytes(serialization.Encoding.DER)
-            ),
+            client_cert=SessionStart.encode_certificate(der),
             startup=params,
             client_addr=peer,
             backend_key=key,

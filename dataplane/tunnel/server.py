@@ -51,9 +51,9 @@ from dataplane.tunnel.frames import (
 )
 from dataplane.tunnel.hosts import (
     BundleSourceLike,
+    IdentityCache,
     PeerRejected,
     TlsContexts,
-    certificates,
     host_cas,
     verify_host_peer,
 )
@@ -189,6 +189,7 @@ class TunnelServer:
         self.idle_wait = idle_wait
         self.handshake_timeout = handshake_timeout
         self._on_change = on_change
+        self.identities = IdentityCache()
         self._links: dict[str, AgentLink] = {}
         self._acceptor: Acceptor | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -261,8 +262,8 @@ class TunnelServer:
             return
         try:
             creds = self.contexts.credentials
-            trusted = certificates(host_cas(creds, self.bundles.current))
-            identity = verify_host_peer(transport, trusted, "db", creds.cluster)
+            trusted = host_cas(creds, self.bundles.current)
+            identity = verify_host_peer(transport, self.identities, trusted, "db", creds.cluster)
         except PeerRejected as exc:
             logger.warning("tunnel connection from %s refused: %s", peer, exc)
             transport.abort()
