@@ -363,6 +363,9 @@ class TunnelServer:
         while link.idle:
             conn = link.idle.popleft()
             if conn.alive:
+                if not link.idle:
+                    # The pool ran dry (a burst): ask for more than the one-for-one refill.
+                    link.send(Dial(count=2))
                 return conn
             conn.transport.close()
         if not link.routable:
@@ -384,7 +387,11 @@ class TunnelServer:
                 link.waiters.remove(waiter)
 
     async def open_session(self, link: AgentLink, start: SessionStart) -> OpenedSession:
-        """Hand a session to `link`'s agent: raises AgentUnavailable or SessionRefused."""
+        """Hand a session to `link`'s agent: raises AgentUnavailable or SessionRefused.
+
+        A data connection that turns out closed (it died while idle) is replaced by the next
+        idle one; an agent that does not acknowledge in time is given up on at once (it is
+        stuck or gone: the caller tries another agent rather than wait again)."""
         data = encode_frame(start)
         for _ in range(MAX_ACK_ATTEMPTS):
             conn = await self._take_idle(link)
@@ -392,9 +399,14 @@ class TunnelServer:
             try:
                 async with asyncio.timeout(self.ack_timeout):
                     frame = await read_frame(conn.inbox, conn.decoder)
-            except (TimeoutError, ConnectionClosed, FrameError) as exc:
+            except TimeoutError:
+                conn.abort()
+                raise AgentUnavailable(
+                    f"agent {link.host_id} did not acknowledge within {self.ack_timeout:g} s"
+                ) from None
+            except (ConnectionClosed, FrameError) as exc:
                 logger.info("a data connection to agent %s failed (%s); trying another",
-                            link.host_id, exc or type(exc).__name__)
+                            link.host_id, exc)
                 conn.abort()
                 continue
             if not isinstance(frame, SessionAck):
@@ -406,7 +418,7 @@ class TunnelServer:
             pending = conn.decoder.take_unprocessed() + conn.inbox.take()
             link.sessions += 1
             return OpenedSession(conn.transport, pending, conn.inbox.closed, link.host_id)
-        raise AgentUnavailable(f"agent {link.host_id} did not acknowledge the session")
+        raise AgentUnavailable(f"agent {link.host_id} has no live data connection")
 
     async def send_cancel(self, link: AgentLink, cancel: CancelStart) -> None:
         """Pass a CancelRequest to the agent of the session (fire and forget)."""

@@ -2,8 +2,9 @@
 cluster), real CAs, signed bundles, and proxies and agents on event loops of their own.
 
 - `pki`, `signing_key` (session): the cluster's CAs and the bundle signing key.
-- `pg` (session): PostgreSQL with `hostssl ... cert` only, its server certificate from the
-  db CA; roles alice, bob, carol; databases main, metrics and bench (pgbench, scale 1).
+- `pg` (session): PostgreSQL over TLS only, its server certificate from the db CA; roles
+  alice, bob, carol (certificate authentication) and sam (SCRAM password, `SAM_PASSWORD`);
+  databases main, metrics and bench (pgbench, scale 1).
 - `path` (session): `DataPath`, a proxy and an agent on separate uvloop threads talking
   over the real tunnel (mTLS, host certificates), serving the databases `pg` (labels
   env=prod) and `pgdev` (env=dev, same server); the bundle `base_bundle` in force.
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from control.ca import certificate_pem
 from dataplane.agent import AgentService, MemoryAuditSink, StaticDatabases
 from dataplane.proxy import ProxyService
-from launcher.embedded_postgres import EmbeddedPostgres, ServerTLS, free_tcp_port
+from launcher.embedded_postgres import EmbeddedPostgres, HostRule, ServerTLS, free_tcp_port
 from schemas.bundle import Bundle, BundleDatabase
 from tests.dataplane.support import (
     DbCerts,
@@ -43,6 +44,7 @@ from tests.dataplane.support import (
 from tests.fixtures.pg import conninfo, run_pgbench
 from transport.tls import new_private_key, private_key_pem
 
+SAM_PASSWORD = "correct horse battery staple"
 FAST_TUNNEL = {"heartbeat_interval": 0.5, "dead_after": 2.0}
 FAST_LINK = {"heartbeat_interval": 0.5, "dead_after": 2.0, "backoff_start": 0.05,
              "backoff_cap": 0.5}
@@ -99,11 +101,13 @@ def pg(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pg]:
     crt, key, ca = pki.db_server_files(base / "tls")
     server = EmbeddedPostgres.temporary(
         port=free_tcp_port(), tls=ServerTLS(crt, key, ca), fsync=False, max_connections=300,
+        host_rules=(HostRule("scram-sha-256", users=("sam",)), HostRule("cert")),
     )
     try:
         server.start()
         for name in ("alice", "bob", "carol"):
             server.create_role(name)
+        server.create_role("sam", password=SAM_PASSWORD)
         for name in ("main", "metrics"):
             server.create_database(name)
         server.create_database("bench", owner="alice")
@@ -212,15 +216,15 @@ class DataPath:
 
     def start_agent(
         self, host_id: str = "agent-1", databases: list[BundleDatabase] | None = None,
-        *, wait: bool = True, **options: Any,
+        *, wait: bool = True, proxies: list[str] | None = None, **options: Any,
     ) -> AgentService:
-        """An agent dialling our proxy; `wait`: until the proxy can route to it."""
+        """An agent dialling our proxy (or `proxies`); `wait`: until the proxy routes to it."""
         node = Node(host_id, self.key)
         if self.bundle_bytes:
             node.activate(self.bundle_bytes)
         creds = self.pki.host(host_id, "db")
         proxy = self.proxy_service
-        tunnel = f"127.0.0.1:{proxy.tunnel_address[1]}"
+        tunnels = proxies or [f"127.0.0.1:{proxy.tunnel_address[1]}"]
         options.setdefault("tunnel_options", FAST_LINK)
         options.setdefault("pool_size", 4)
 
@@ -231,7 +235,7 @@ class DataPath:
                 databases=StaticDatabases(databases or databases_for(self.pg)),
                 db_certs=DbCerts(self.pki.cas),
                 audit=self.audit,
-                proxies=[tunnel],
+                proxies=tunnels,
                 **options,
             )
             await service.start()

@@ -13,8 +13,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control.ca import ClusterCAs, certificate_pem
+from dataplane.postgres import messages as pm
 from dataplane.tunnel.client import BACKOFF_CAP, backoff_delay, split_address
 from schemas.bundle import BundleDatabase
+from tests.dataplane import rawclient
 from tests.dataplane.conftest import DataPath, Pg
 from tests.dataplane.support import HostCreds, Pki
 from tests.fixtures.pg import run_psql
@@ -180,3 +182,80 @@ def test_an_empty_pool_is_refilled_on_demand(dp: DataPath) -> None:
     for thread in threads:
         thread.join(60)
     assert results == [0] * 8
+
+
+def test_data_connections_resume_their_tls_session(dp: DataPath) -> None:
+    dp.start_agent("agent-resume", pool_size=2)
+    dsn = dp.dsn(dp.cert("alice"), "alice", "main")
+    for _ in range(6):  # each session takes a data connection; the agent dials new ones
+        assert run_psql(dsn, "select 1").returncode == 0
+    dp.wait_routable("agent-resume")
+
+    def reused() -> list[bool]:
+        links = dp.proxy_service.tunnel.agents()
+        return [
+            bool(conn.transport.get_extra_info("ssl_object").session_reused)
+            for link in links for conn in link.idle
+        ]
+
+    flags = dp.proxy.thread.call(reused)  # type: ignore[union-attr]
+    assert flags and all(flags), flags  # the proxy still verified who they are (routable)
+
+
+def test_an_agent_serves_every_proxy_it_is_given(dp: DataPath) -> None:
+    first = dp.proxy_service
+    first_node = dp.proxy
+    second = dp.start_proxy("proxy-u")
+    addresses = [f"127.0.0.1:{p.tunnel_address[1]}" for p in (first, second)]  # type: ignore[index]
+    agent = dp.start_agent("agent-both", proxies=addresses)
+    dp.wait_routable("agent-both")  # on the second proxy
+    dp.proxy = first_node
+    dp.wait_routable("agent-both")  # and on the first
+    for proxy in (first, second):
+        port = proxy.web_address[1]  # type: ignore[index]
+        dsn = dp.dsn(dp.cert("alice"), "alice", "main").replace(
+            f"port='{dp.web_port}'", f"port='{port}'"
+        )
+        assert run_psql(dsn, "select 1").stdout.strip() == "1"
+    # the control plane's list changes: the second proxy is dropped
+    node = dp.agents[-1]
+    node.thread.call(agent.set_proxies, addresses[:1])
+    assert [link.address for link in agent.tunnel.links] == addresses[:1]
+
+
+def test_a_stuck_agent_is_passed_over_for_a_live_one(dp: DataPath) -> None:
+    dp.start_agent("agent-live")
+    dp.start_agent("agent-stuck")
+    stuck = next(n for n in dp.agents if n.thread._thread.name == "agent-stuck")
+    frozen = threading.Event()
+
+    def freeze() -> None:
+        frozen.set()
+        time.sleep(4)  # no acks, no heartbeats
+
+    stuck.thread.loop.call_soon_threadsafe(freeze)
+    frozen.wait(5)
+    dsn = dp.dsn(dp.cert("alice"), "alice", "main")
+    started = time.monotonic()
+    for _ in range(4):
+        done = run_psql(dsn, "select 'served'", timeout=30)
+        assert done.stdout.strip() == "served", done.stderr
+    # at most one ack timeout (2 s) is paid before the stuck agent is dropped or skipped
+    assert time.monotonic() - started < 3.5
+
+
+def test_stopping_an_agent_ends_its_sessions_with_a_clear_error(dp: DataPath) -> None:
+    dp.start_agent("agent-leaving")
+    session = rawclient.connect(dp.web_port, dp.cert("alice"), dp.pki.host_ca_file, "alice",
+                                "main")
+    try:
+        dp.stop_node(dp.agents[0])
+        message = session.read_message()
+        assert isinstance(message, pm.ErrorResponse)
+        assert (message.severity, message.sqlstate) == ("FATAL", "57P01")
+        assert message.message == "the db agent agent-leaving is shutting down"
+    finally:
+        session.close()
+    wait_for(lambda: "agent-leaving" not in routable(dp), 5, "the proxy dropping the agent")
+    done = run_psql(dp.dsn(dp.cert("alice"), "alice", "main"), "select 1")
+    assert "no agent is serving database 'pg'" in done.stderr
