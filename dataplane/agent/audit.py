@@ -241,6 +241,8 @@ class SessionRecorder:
         # bits set). Unique without a system call per event (uuid4 reads os.urandom).
         self._id_prefix = _id_prefix()
         self._id_count = 0
+        self._templates: dict[type, Any] = {}
+        self._outcomes: dict[str, Outcome] = {}  # CommandComplete tags seen, parsed once
         self.fatal_from_server: str | None = None
         self.client_terminated = False  # the client said goodbye (Terminate)
 
@@ -319,7 +321,9 @@ class SessionRecorder:
             return
         cursor = _Cursor(payload)
         if code == b"Q":
-            text, complete = cursor.cstr()
+            end = payload.find(b"\0")
+            complete = end >= 0
+            text = (payload[:end] if complete else payload).decode("utf-8", "replace")
             truncated = message.truncated or not complete
             self._queue(_Request("query", {"query": text, "truncated": truncated}))
         elif code == b"P":
@@ -423,7 +427,11 @@ class SessionRecorder:
         front = self._front()
         if code == 0x43:  # 'C' CommandComplete
             tag = (message.payload or b"").split(b"\0", 1)[0].decode("utf-8", "replace")
-            outcome = _tag_outcome(tag)
+            outcome = self._outcomes.get(tag)
+            if outcome is None:
+                if len(self._outcomes) > 256:
+                    self._outcomes.clear()
+                outcome = self._outcomes[tag] = _tag_outcome(tag)
             if front is None:
                 return
             if front.kind == "query":
@@ -488,8 +496,17 @@ class SessionRecorder:
             extra["outcome"] = outcomes[-1] if outcomes else None
         elif request.kind != "close":
             extra["outcome"] = request.outcome
-        # Validating construction: pydantic-core builds these faster than model_construct.
-        self._emit(cls(**self.context, **self._base(request.time), **fields, **extra))
+        values = {**self._base(request.time), **fields, **extra}
+        template = self._templates.get(cls)
+        if template is None:
+            # The first event of a kind is built and validated in full; the session's later
+            # ones copy it with their own values (our own, already typed: no re-validation,
+            # which costs more than the rest of the audit of a query).
+            event = cls(**self.context, **values)
+            self._templates[cls] = event
+        else:
+            event = template.model_copy(update=values)
+        self._emit(event)
 
 
 def _id_prefix() -> str:

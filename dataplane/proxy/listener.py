@@ -147,7 +147,7 @@ class PeekListener:
         if kind is Kind.NEED_MORE:
             # Level-triggered readiness would call us again at once: look later instead.
             self._loop.remove_reader(fd)
-            self._loop.call_later(_RECHECK, self._rearm, fd, peer)
+            self._loop.call_later(_RECHECK, self._rearm, fd, sock, peer)
             return
         sock, timer = self._waiting.pop(fd)
         timer.cancel()
@@ -164,8 +164,10 @@ class PeekListener:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _rearm(self, fd: int, peer: str) -> None:
-        if fd in self._waiting and self._loop is not None:
+    def _rearm(self, fd: int, sock: socket.socket, peer: str) -> None:
+        entry = self._waiting.get(fd)
+        # The same socket still waiting (its descriptor may since belong to another one).
+        if entry is not None and entry[0] is sock and self._loop is not None:
             self._loop.add_reader(fd, self._readable, fd, peer)
 
     async def _run(self, handler: Handler, sock: socket.socket, peer: str) -> None:
