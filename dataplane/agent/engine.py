@@ -206,6 +206,24 @@ class PostgresEngine:
             upstream.transport.abort()
             refuse("the client left before the database login finished")
             return
+        latest = self.bundles.current
+        if latest is not None and latest is not bundle:
+            # A bundle was activated during the login: its re-check did not see this session
+            # yet, so decide again under it before the first byte is relayed.
+            try:
+                self.identities.verify(der, latest.cas.user, self._now(), "db")
+                again = decide(latest, self._request(identity, start.service, db_user, db_name))
+                why = None if again.allowed else again.reason
+            except IdentityError as exc:
+                why = f"the client certificate was refused: {exc}"
+            if why is not None:
+                upstream.transport.abort()
+                refuse(
+                    f"access denied to {identity.username!r} for database {start.service!r} "
+                    f"as db user {db_user!r}, db name {db_name!r}: {why}"
+                )
+                return
+            bundle = latest
 
         greeting = [
             encode(m.AuthenticationOk()),
