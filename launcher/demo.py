@@ -367,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.smoke:
                 demo.next_steps()
                 await stop.wait()
+                say(f"\nStopping. The demo's cluster data stays in {demo.data_dir}.")
             else:
                 say("\nsmoke test passed")
         except (DemoFailed, StartError) as exc:
