@@ -107,18 +107,19 @@ def stdin_for(subs: Substitutions):  # type: ignore[no-untyped-def]
 
 def run_page(page: Path, tmp_path: Path) -> list[str]:
     """Run every block of `page` as the module docstring says; returns the transcript."""
-    work = tmp_path / "work"
     home = tmp_path / "home"
-    work.mkdir()
     home.mkdir()
-    base = free_port_block(6)
-    own_pg = free_port_block(1)
-    with postgres_area("teleport-docs-") as pg_area:
+    base = free_port_block(7)
+    with postgres_area("teleport-docs-") as area:
+        # The working directory is where the postgres OS user can enter too (pg_ctl and
+        # psql run as that user start in it).
+        work = area / "work"
+        work.mkdir()
         subs = Substitutions(
             demo_dir=str(tmp_path / "teleport-demo"),
-            pg_dir=str(pg_area / "teleport-pg"),
+            pg_dir=str(area / "teleport-pg"),
             ports={3080: base, 3081: base + 1, 3082: base + 2, 3083: base + 3,
-                   3024: base + 4, 3025: base + 5, 5433: own_pg},
+                   3024: base + 4, 3025: base + 5, 5433: base + 6},
             var_lib=str(tmp_path / "var" / "lib"),
         )
         shell = Shell(work, page_env(home))

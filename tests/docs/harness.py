@@ -399,16 +399,22 @@ class Shell:
         return line
 
     def read_until(
-        self, done: Callable[[list[str]], bool], timeout: float, what: str
+        self, done: Callable[[list[str]], bool], timeout: float, pid: int | None = None
     ) -> list[str]:
-        """More output (from background commands) until `done(lines)` or the timeout."""
+        """More output (from background commands) until `done(lines)`, the timeout, or (with
+        `pid`) that process has exited and its last output was read."""
         lines: list[str] = []
         deadline = time.monotonic() + timeout
-        while not done(lines):
+        while not done(lines) and time.monotonic() < deadline:
             try:
-                lines.append(self._next(deadline, lines, what))
-            except ShellError:
+                line = self._lines.get(timeout=0.2)
+            except queue.Empty:
+                if pid is not None and not _alive(pid):
+                    break
+                continue
+            if line is None:
                 break
+            lines.append(line)
         return lines
 
     def drain(self) -> list[str]:
@@ -529,8 +535,10 @@ class PageRun:
             out += self.shell.read_until(
                 lambda more: not missing_lines(shown, out + more),
                 self.background_timeout,
-                text,
+                result.pid,
             )
+            if result.pid is not None and not _alive(result.pid) and missing_lines(shown, out):
+                out.append("[the background command has exited]")
         else:
             result = self.shell.run(text, self.stdin_for(text), self.timeout, background=False)
             out = result.output
