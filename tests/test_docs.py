@@ -1,11 +1,13 @@
 """The guides in docs/ run: every command a page shows is run, and its shown output checked.
 
 Each page runs in a shell of its own, in a fresh working directory and HOME, with the
-environment the page states (its first blocks start `teleport demo` and export
-TELEPORT_DATA_DIR, TELEPORT_HOME and PGSERVICEFILE); the test adds only the venv's bin
-directory to PATH, a git identity (GIT_AUTHOR_* / GIT_COMMITTER_*) and no PG* variables.
-What it replaces in a page (ports, directories, `sudo`, placeholders such as `<token>`)
-is the table of `tests.docs.harness.Substitutions`.
+environment the page states: most pages start `teleport demo` in their first block and
+export TELEPORT_DATA_DIR, TELEPORT_HOME and PGSERVICEFILE; configuration.md and audit.md
+start their own cluster from configuration files. The test adds only the venv's bin
+directory to PATH, a git identity (GIT_AUTHOR_* / GIT_COMMITTER_*) and no PG*, TELEPORT_*
+or AWS_* variables. What it replaces in a page (ports, directories, `sudo`, placeholders
+such as `<token>`) is the table of `tests.docs.harness.Substitutions`: a page never runs
+on fixed ports, in the real HOME or in the real /var/lib/teleport.
 
 Passwords: `tsh login` reads the password from standard input when it is not a terminal.
 The test gives it the password a reader would type:
@@ -31,6 +33,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,7 +90,9 @@ def page_env(home: Path) -> dict[str, str]:
     return env
 
 
-def stdin_for(subs: Substitutions):  # type: ignore[no-untyped-def]
+def stdin_for(subs: Substitutions) -> Callable[[str], str | None]:
+    """Standard input for a command, as the table of the module docstring says."""
+
     def choose(command: str) -> str | None:
         if not re.search(r"\btsh\s+login\b", command):
             return None
