@@ -14,7 +14,11 @@ For `tctl status` the inventory is written to `<data_dir>/run/agents.json` (only
 reconciler writes state.json) whenever a host joins, leaves or changes serial, and at least
 once per heartbeat interval so readers can tell a fresh file from a stale one.
 
-In memory only, rebuilt from heartbeats after a restart. Never holds secrets.
+Kept in memory. A restarted control plane takes back the hosts of the last agents.json
+(`restore`) as if each had just heartbeated: they get one forget window to heartbeat again.
+Without that, the first heartbeats after a restart would be answered with no proxies (the
+proxies' own beats come up to one interval later), and agents would drop their tunnels.
+Never holds secrets.
 """
 
 from __future__ import annotations
@@ -101,6 +105,29 @@ class Inventory:
         record.tunnel_addr = beat.tunnel_addr
         record.last_seen = now
 
+    def restore(self, written: AgentsFile, now: datetime) -> int:
+        """Take back the hosts of agents.json as written by an earlier run, each as if it
+        had heartbeated at `now` (a host already heard from is kept as it is). Returns how
+        many were taken back."""
+        restored = 0
+        for host_id, entry in written.agents.items():
+            if host_id in self._hosts or len(self._hosts) >= MAX_HOSTS:
+                continue
+            self._hosts[host_id] = HostRecord(
+                host_id,
+                entry.role,
+                entry.serial,
+                list(entry.served),
+                entry.public_addr,
+                entry.tunnel_addr,
+                entry.last_seen,
+                now,
+            )
+            restored += 1
+        if restored:
+            self.dirty = True
+        return restored
+
     def expire(self, now: datetime) -> list[str]:
         """Forget hosts that missed `missed` heartbeats; their ids."""
         gone = [h for h, r in self._hosts.items() if now - r.last_seen > self.forget_after]
@@ -159,6 +186,10 @@ class AgentEntry(BaseModel):
     serial: int
     last_seen: datetime
     databases: list[str] = Field(default_factory=list)
+    # What a restarted control plane needs to answer as before (`Inventory.restore`).
+    public_addr: str | None = None
+    tunnel_addr: str | None = None
+    served: list[DatabaseInfo] = Field(default_factory=list)
 
 
 class AgentsFile(BaseModel):
@@ -185,6 +216,9 @@ def write_agents(data_dir: Path, inventory: Inventory, now: datetime) -> None:
                 serial=r.serial,
                 last_seen=r.last_seen,
                 databases=[d.name for d in r.databases],
+                public_addr=r.public_addr,
+                tunnel_addr=r.tunnel_addr,
+                served=list(r.databases),
             )
             for r in inventory.hosts(now)
         },

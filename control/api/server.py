@@ -45,7 +45,7 @@ from control.api.state import ApiState, utc_now
 from control.audit_store import AuditStore, audit_events_handler
 from control.bundles import BundleStore
 from control.ca import CAError, ClusterCAs, certificate_pem
-from control.inventory import Inventory, write_agents
+from control.inventory import Inventory, read_agents, write_agents
 from control.settings import ControlSettings
 from control.tokens import TokenStore
 from control.users import LockoutPolicy, PhantomLockouts, SecretsStore
@@ -105,6 +105,13 @@ class ApiServer:
             clock=clock,
             monotonic=monotonic,
         )
+        written = read_agents(self.data_dir)
+        if written is not None:
+            restored = self.state.inventory.restore(written, self.state.now())
+            if restored:
+                log.info("%d proxies and agents of the last run are listed until they "
+                         "heartbeat again (forgotten in %ds if they do not)", restored,
+                         self.state.inventory.forget_after.total_seconds())
         self.routes: dict[tuple[str, str], Handler] = {}
         self.routes.update(PeopleApi(self.state).routes())
         self.routes.update(HostsApi(self.state).routes())
