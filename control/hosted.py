@@ -34,7 +34,6 @@ exec {python} -m control.prereceive
 """
 
 INITIAL_CLUSTER = """\
-# yaml-language-server: $schema=https://teleport-db.invalid/schemas/cluster.schema.json
 kind: cluster
 version: v1
 metadata:

@@ -11,11 +11,8 @@ control plane never publish two bundles with one serial.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +35,7 @@ from schemas.bundle import (
 )
 from schemas.policy.loader import load_policy
 from schemas.policy.models import Policy
+from transport.files import exclusive_lock
 
 log = logging.getLogger("teleport.control.reconcile")
 
@@ -142,7 +140,8 @@ class Reconciler:
 
     def run_once(self, *, force: bool = False, now: datetime | None = None) -> Outcome:
         now = now or datetime.now(UTC)
-        with self._lock():
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.data_dir / "reconcile.lock"):
             state = load_state(self.state_path)
             state.cluster = self.cluster_name
             try:
@@ -275,14 +274,3 @@ class Reconciler:
     def _resign_at(self, in_force: InForce) -> datetime:
         # Re-sign at half-life: agents keep a valid bundle through a long control-plane outage.
         return in_force.expires_at - self.bundle_ttl / 2
-
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.data_dir / "reconcile.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)

@@ -10,7 +10,6 @@ never share a data dir and `tctl` knows whether one is running.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 from datetime import timedelta
@@ -25,7 +24,7 @@ from control.signing import load_or_create_signing_key
 from control.sources import LocalSource, RemoteSource
 from control.watch import PolicyWatcher
 from schemas.bundle import BundleCAs
-from transport.files import ensure_dir
+from transport.files import LockHeld, ensure_dir, hold_lock, lock_is_held
 
 log = logging.getLogger("teleport.control")
 
@@ -71,19 +70,7 @@ def make_reconciler(data_dir: Path, settings: ControlSettings) -> Reconciler:
 
 
 def control_plane_running(data_dir: Path) -> bool:
-    path = Path(data_dir) / LOCK_FILE
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+    return lock_is_held(Path(data_dir) / LOCK_FILE)
 
 
 class ControlPlane:
@@ -162,13 +149,10 @@ class ControlPlane:
     def _take_lock(self) -> None:
         if self._lock_fd is not None:
             return
-        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self._lock_fd = hold_lock(self.data_dir / LOCK_FILE)
+        except LockHeld:
             raise DataDirBusy(
                 f"another control plane is running on {self.data_dir}; stop it first or use "
                 "another --data-dir"
             ) from None
-        self._lock_fd = fd

@@ -30,8 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from control.users import exclusive_lock
-from transport.files import write_private
+from transport.files import exclusive_lock, write_private
 
 TOKENS_FILE = "tokens.json"
 LOCK_FILE = "tokens.lock"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import functools
 import hashlib
 import hmac
@@ -41,7 +40,7 @@ from urllib.parse import quote, urlencode
 
 from pydantic import BaseModel, Field
 
-from transport.files import ensure_dir, write_private
+from transport.files import ensure_dir, exclusive_lock, write_private
 
 SECRETS_DIR = "secrets"
 USERS_FILE = "users.json"
@@ -271,18 +270,6 @@ def _now(now: datetime | None) -> datetime:
 
 def _when(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created 0600) for the duration of the block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def locked_out(record: UserSecrets, now: datetime) -> datetime | None:

@@ -20,8 +20,15 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dataplane.cluster.identity import CredentialsError, JoinError
-from dataplane.runtime import JoinOptions, Node, build_agent, build_proxy
-from schemas.config import ConfigError, DatabaseConfig, FileConfig, load_config
+from dataplane.runtime import JoinOptions, Node, NodeBusy, build_agent, build_proxy
+from schemas.config import (
+    ConfigError,
+    DatabaseConfig,
+    FileConfig,
+    load_config,
+    resolve_data_dir,
+)
+from transport.logs import configure_logging
 
 log = logging.getLogger("teleport.agent")
 
@@ -117,13 +124,11 @@ def database_from_flags(args: argparse.Namespace) -> DatabaseConfig | None:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         msg = str(first.get("msg", "")).removeprefix("Value error, ")
-        raise FlagError(f"--db-* flags: {where}: {msg}") from None
+        raise FlagError(f"--db-* flags: {where + ': ' if where else ''}{msg}") from None
 
 
 async def build(args: argparse.Namespace, config: FileConfig) -> Node:
-    data_dir = Path(
-        args.data_dir or os.environ.get("TELEPORT_DATA_DIR") or config.teleport.data_dir
-    )
+    data_dir = resolve_data_dir(args.data_dir, config, os.environ.get("TELEPORT_DATA_DIR"))
     auth = args.auth_server or (config.teleport.auth_servers or [None])[0]
     if not auth:
         raise RunError("say where the cluster is: --auth-server host:port")
@@ -151,22 +156,23 @@ async def build(args: argparse.Namespace, config: FileConfig) -> Node:
                 "db_service.databases or db_service.resources in --config"
             )
         return await build_agent(join, config.db_service)
-    except (JoinError, CredentialsError, FlagError) as exc:
+    except (JoinError, CredentialsError, FlagError, NodeBusy) as exc:
         raise RunError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)-5s [%(name)s] %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
-    )
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     try:
         config = load_config(args.config) if args.config else FileConfig()
+        configure_logging(args.debug, config.teleport.log.severity, config.teleport.log.output)
     except ConfigError as exc:
         print(f"teleport-agent: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(
+            f"teleport-agent: error: teleport.log.output: cannot open {exc.filename}: "
+            f"{exc.strerror}",
+            file=sys.stderr,
+        )
         return 2
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ from dataplane.cluster import ClusterLink
 from dataplane.proxy import ProxyService
 from schemas.config import DbService
 from schemas.config import ProxyService as ProxyConfig
+from schemas.durations import parse_duration
 from schemas.policy.models import split_host_port
+from transport.files import LockHeld, hold_lock
 
 log = logging.getLogger("teleport.node")
 
@@ -47,6 +50,30 @@ class JoinOptions:
     nodename: str | None = None
 
 
+class NodeBusy(Exception):
+    """Another process runs this role on the same data dir (it would take over its identity)."""
+
+
+def _claim(role_dir: Path, role: str) -> int:
+    """Hold `<role_dir>/run.lock` while this process runs the role."""
+    role_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        return hold_lock(role_dir / "run.lock")
+    except LockHeld:
+        raise NodeBusy(
+            f"another {role} process is running with data dir {role_dir.parent}: two "
+            "processes must not share one host identity; stop it or use another --data-dir"
+        ) from None
+
+
+async def _released_on_error(lock_fd: int, joining: Awaitable[ClusterLink]) -> ClusterLink:
+    try:
+        return await joining
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
 @dataclass
 class Node:
     """A running-to-be proxy or agent: its link to the control plane and its service."""
@@ -55,29 +82,39 @@ class Node:
     link: ClusterLink
     service: ProxyService | AgentService
     shipper: AuditShipper | None = None
+    lock_fd: int | None = None
     extra: list[Callable[[asyncio.Event], Awaitable[None]]] = field(default_factory=list)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run the link, the service (and the audit shipper) until `stop`."""
-        if self.shipper is not None:
-            await self.shipper.start()
-        tasks = [
-            asyncio.create_task(self.link.run(stop), name=f"{self.role}-link"),
-            asyncio.create_task(self.service.run(stop), name=f"{self.role}-service"),
-            *(asyncio.create_task(fn(stop)) for fn in self.extra),
-        ]
+        """Run the link, the service (and the audit shipper) until `stop`. Stopping goes in
+        order: the service first, then the audit shipper delivers what it holds while the
+        link to the control plane is still up, then the link."""
+        link_stop = asyncio.Event()
+        results: list[object] = []
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if task.exception() is not None:
-                    stop.set()
-        finally:
+            if self.shipper is not None:
+                await self.shipper.start()
+            link = asyncio.create_task(self.link.run(link_stop), name=f"{self.role}-link")
+            work = [
+                asyncio.create_task(self.service.run(stop), name=f"{self.role}-service"),
+                *(asyncio.create_task(fn(stop)) for fn in self.extra),
+            ]
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait([link, stopper, *work], return_when=asyncio.FIRST_COMPLETED)
             stop.set()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            results.extend(await asyncio.gather(*work, return_exceptions=True))
+            stopper.cancel()
             if self.shipper is not None:
                 delivered = await self.shipper.close(timeout=5.0)
                 if not delivered:
                     log.warning("audit events not yet delivered stay in the spool for later")
+            link_stop.set()
+            results.extend(await asyncio.gather(link, return_exceptions=True))
+        finally:
+            link_stop.set()
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)
+                self.lock_fd = None
         for result in results:
             if isinstance(result, Exception):
                 raise result
@@ -121,18 +158,24 @@ async def build_proxy(
     tunnel_public = config.tunnel_public_addr or _public_addr(
         config.tunnel_listen_addr, join.nodename
     )
-    link = await ClusterLink.connect(
-        join.data_dir / "proxy",
-        join.auth_addr,
-        "proxy",
-        token=join.token,
-        ca_pin=join.ca_pin,
-        insecure_first_join=join.insecure_first_join,
-        dns_names=dns,
-        ip_addresses=ips,
-        nodename=join.nodename,
-        public_addr=public[0] if public else _public_addr(config.web_listen_addr, join.nodename),
-        tunnel_addr=tunnel_public,
+    lock_fd = _claim(join.data_dir / "proxy", "proxy")
+    link = await _released_on_error(
+        lock_fd,
+        ClusterLink.connect(
+            join.data_dir / "proxy",
+            join.auth_addr,
+            "proxy",
+            token=join.token,
+            ca_pin=join.ca_pin,
+            insecure_first_join=join.insecure_first_join,
+            dns_names=dns,
+            ip_addresses=ips,
+            nodename=join.nodename,
+            public_addr=public[0]
+            if public
+            else _public_addr(config.web_listen_addr, join.nodename),
+            tunnel_addr=tunnel_public,
+        ),
     )
     service = ProxyService(
         credentials=link.credentials,
@@ -143,9 +186,18 @@ async def build_proxy(
         api=api,
         api_upstream=None if api is not None else _addr(join.auth_addr),
         local_agent=local_agent,
+        client_idle_timeout=idle_timeout(config),
     )
     link.renewer.subscribe(service.update_credentials)
-    return Node("proxy", link, service)
+    return Node("proxy", link, service, lock_fd=lock_fd)
+
+
+def idle_timeout(config: ProxyConfig) -> float | None:
+    """`proxy_service.client_idle_timeout` in seconds; None when unset or zero (never)."""
+    if config.client_idle_timeout is None:
+        return None
+    seconds = parse_duration(config.client_idle_timeout).total_seconds()
+    return seconds if seconds > 0 else None
 
 
 async def build_agent(
@@ -159,16 +211,20 @@ async def build_agent(
     every proxy the control plane lists (but `local_tunnel_addr`, its own process's proxy,
     which hands sessions over in-process)."""
     catalog: DatabaseCatalog | None = None
-    link = await ClusterLink.connect(
-        join.data_dir / "db",
-        join.auth_addr,
-        "db",
-        token=join.token,
-        ca_pin=join.ca_pin,
-        insecure_first_join=join.insecure_first_join,
-        nodename=join.nodename,
-        databases=config.databases,
-        served=lambda: catalog.infos() if catalog is not None else [],
+    lock_fd = _claim(join.data_dir / "db", "db agent")
+    link = await _released_on_error(
+        lock_fd,
+        ClusterLink.connect(
+            join.data_dir / "db",
+            join.auth_addr,
+            "db",
+            token=join.token,
+            ca_pin=join.ca_pin,
+            insecure_first_join=join.insecure_first_join,
+            nodename=join.nodename,
+            databases=config.databases,
+            served=lambda: catalog.infos() if catalog is not None else [],
+        ),
     )
     catalog = DatabaseCatalog(config.databases, config.resources, link.labels.labels)
     assert link.db_certs is not None
@@ -196,7 +252,7 @@ async def build_agent(
         lambda addrs: agent.set_proxies(_without(addrs, local_tunnel_addr))
     )
     link.renewer.subscribe(agent.update_credentials)
-    return Node("db", link, agent, shipper)
+    return Node("db", link, agent, shipper, lock_fd=lock_fd)
 
 
 def _without(addrs: Sequence[str], own: str | None) -> list[str]:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataplane.run_cmd import FlagError, database_from_flags
-from schemas.config import ConfigError, FileConfig, load_config
+from schemas.config import ConfigError, FileConfig, load_config, resolve_data_dir
+from transport.logs import configure_logging
 
 log = logging.getLogger("teleport")
 
@@ -134,9 +135,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise StartError("--db-* flags need the db role (--roles=...,db)")
         config.db_service.databases.append(flag_db)
 
-    data_dir = Path(
-        args.data_dir or os.environ.get("TELEPORT_DATA_DIR") or config.teleport.data_dir
-    )
+    data_dir = resolve_data_dir(args.data_dir, config, os.environ.get("TELEPORT_DATA_DIR"))
     nodename = args.nodename or config.teleport.nodename or socket.gethostname()
     cluster = args.cluster_name or config.auth_service.cluster_name or nodename
     if args.policy_repo:
@@ -159,15 +158,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def setup_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)-5s [%(name)s] %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
-    )
-    # watchfiles logs every change it sees at INFO: our own log lines say what it meant.
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+def setup_logging(debug: bool, config: FileConfig | None = None) -> None:
+    log_config = config.teleport.log if config is not None else None
+    try:
+        configure_logging(
+            debug,
+            log_config.severity if log_config else "INFO",
+            log_config.output if log_config else "stderr",
+        )
+    except OSError as exc:
+        raise StartError(
+            f"teleport.log.output: cannot open {exc.filename}: {exc.strerror}"
+        ) from None
 
 
 def install_event_loop() -> None:
@@ -199,7 +201,11 @@ def run(args: argparse.Namespace) -> int:
     except StartError as exc:
         print(f"teleport: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(plan.debug)
+    try:
+        setup_logging(plan.debug, plan.config)
+    except StartError as exc:
+        print(f"teleport: error: {exc}", file=sys.stderr)
+        return 2
     install_event_loop()
 
     async def main() -> None:

@@ -58,13 +58,17 @@ class ConfigModel(BaseModel):
 
 
 class LogConfig(ConfigModel):
-    output: str = "stderr"
+    output: str = Field(default="stderr", description="stderr, stdout, or a file to append to")
     severity: Literal["DEBUG", "INFO", "WARN", "WARNING", "ERROR"] = "INFO"
 
 
 class TeleportSection(ConfigModel):
     nodename: str | None = None
-    data_dir: str = DEFAULT_DATA_DIR
+    data_dir: str | None = Field(
+        default=None,
+        description=f"where this host keeps its state (default {DEFAULT_DATA_DIR}); the "
+        "--data-dir flag wins over it, and it wins over $TELEPORT_DATA_DIR",
+    )
     auth_token: str | None = Field(default=None, description="join token, or a path to a file")
     auth_servers: Annotated[list[HostPort], BeforeValidator(_listify)] = Field(default_factory=list)
     ca_pin: str | None = Field(
@@ -131,6 +135,17 @@ class ProxyService(ConfigModel):
     postgres_public_addr: HostPort | None = None
     https_cert_file: str | None = None
     https_key_file: str | None = None
+
+    @field_validator("https_cert_file", "https_key_file")
+    @classmethod
+    def _own_https_certificates(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError(
+                "a certificate of your own for the web port is not supported yet: the "
+                "proxy presents a certificate from the cluster's host CA (clients pin it "
+                "with tsh login --ca-pin); remove this key"
+            )
+        return value
     client_idle_timeout: Duration | None = None
 
 
@@ -273,3 +288,11 @@ def load_config(path: Path, text: str | bytes | None = None) -> FileConfig:
     if value is None:
         raise ConfigError("\n".join(str(p) for p in problems))
     return value
+
+
+def resolve_data_dir(flag: str | None, config: FileConfig, env_value: str | None) -> Path:
+    """The data dir: --data-dir, else the file's `teleport.data_dir`, else
+    $TELEPORT_DATA_DIR (`env_value`), else /var/lib/teleport; always absolute (a relative
+    one is taken from the current directory once, so later child processes agree on it)."""
+    chosen = flag or config.teleport.data_dir or env_value or DEFAULT_DATA_DIR
+    return Path(chosen).expanduser().absolute()

@@ -156,8 +156,11 @@ def effective_roles(
     """The user's record and the roles in force for them; the string explains an empty list."""
     user = bundle.users.get(username)
     if user is None:
-        return None, [], f"user {username!r} is not in the policy in force (commit "
-        f"{bundle.commit[:12]}, serial {bundle.serial})"
+        why = (
+            f"user {username!r} is not in the policy in force (commit "
+            f"{bundle.commit[:12]}, serial {bundle.serial})"
+        )
+        return None, [], why
     names = list(user.roles) if cert_roles is None else [r for r in cert_roles if r in user.roles]
     roles = [bundle.roles[n] for n in names if n in bundle.roles]
     if not roles:
