@@ -20,7 +20,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dataplane.cluster.identity import CredentialsError, JoinError
-from dataplane.runtime import JoinOptions, Node, NodeBusy, build_agent, build_proxy
+from dataplane.runtime import (
+    AgentConfigError,
+    JoinOptions,
+    Node,
+    NodeBusy,
+    build_agent,
+    build_proxy,
+)
 from schemas.config import (
     ConfigError,
     DatabaseConfig,
@@ -156,7 +163,7 @@ async def build(args: argparse.Namespace, config: FileConfig) -> Node:
                 "db_service.databases or db_service.resources in --config"
             )
         return await build_agent(join, config.db_service)
-    except (JoinError, CredentialsError, FlagError, NodeBusy) as exc:
+    except (JoinError, CredentialsError, FlagError, NodeBusy, AgentConfigError) as exc:
         raise RunError(str(exc)) from None
 
 

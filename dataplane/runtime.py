@@ -54,6 +54,21 @@ class NodeBusy(Exception):
     """Another process runs this role on the same data dir (it would take over its identity)."""
 
 
+class AgentConfigError(Exception):
+    """The agent's own databases cannot be served as configured; the message says which."""
+
+
+def check_databases(config: DbService) -> None:
+    """Fail at start, naming the database and file, rather than at the first connection."""
+    for db in config.databases:
+        if db.ca_cert_file and not os.access(db.ca_cert_file, os.R_OK):
+            raise AgentConfigError(
+                f"database {db.name!r}: ca_cert_file {db.ca_cert_file} "
+                f"{'is not readable' if os.path.exists(db.ca_cert_file) else 'does not exist'}"
+                " on this host; it must hold the CA that signed the database's certificate"
+            )
+
+
 def _claim(role_dir: Path, role: str) -> int:
     """Hold `<role_dir>/run.lock` while this process runs the role."""
     role_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -210,6 +225,7 @@ async def build_agent(
     """A db agent serving its configured databases and the bundle's selected ones; it dials
     every proxy the control plane lists (but `local_tunnel_addr`, its own process's proxy,
     which hands sessions over in-process)."""
+    check_databases(config)
     catalog: DatabaseCatalog | None = None
     lock_fd = _claim(join.data_dir / "db", "db agent")
     link = await _released_on_error(

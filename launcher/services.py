@@ -13,7 +13,13 @@ from control.service import ControlPlane
 from control.settings import ApiSettings, ControlSettings, SourceSettings
 from control.tokens import TokenStore
 from dataplane.cluster.identity import CredentialsError, JoinError, load_credentials
-from dataplane.runtime import JoinOptions, NodeBusy, build_agent, build_proxy
+from dataplane.runtime import (
+    AgentConfigError,
+    JoinOptions,
+    NodeBusy,
+    build_agent,
+    build_proxy,
+)
 from launcher.start import Plan, StartError
 from schemas.durations import parse_duration
 from schemas.policy.models import split_host_port
@@ -133,7 +139,7 @@ async def build_services(plan: Plan, plane: ControlPlane | None = None) -> list[
                 local_agent=agent.service if agent is not None else None,  # type: ignore[arg-type]
             )
             services.append(("proxy", proxy.run))
-    except (JoinError, CredentialsError, NodeBusy) as exc:
+    except (JoinError, CredentialsError, NodeBusy, AgentConfigError) as exc:
         raise StartError(str(exc)) from None
     return services
 
