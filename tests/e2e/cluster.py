@@ -288,12 +288,14 @@ class Person:
         self,
         *args: str,
         dbname: str | None = None,
+        dsn: str | None = None,
         stdin: str | None = None,
         timeout: float = 60,
         check: bool = False,
     ) -> subprocess.CompletedProcess[str]:
-        """psql -X -At with `args` (`-c SQL`, ...) through the proxy as `tsh db login` set up."""
-        argv = ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", *args, self.dsn(dbname)]
+        """psql -X -At with `args` (`-c SQL`, ...) through the proxy as `tsh db login` set
+        up (or with `dsn`)."""
+        argv = ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", *args, dsn or self.dsn(dbname)]
         return run(argv, self.env, stdin=stdin, timeout=timeout, check=check)
 
     def query(self, sql: str, dbname: str | None = None) -> str:
@@ -330,9 +332,9 @@ class PsqlPipe:
     (its standard input) and answers on its standard output, read by threads so that a
     test can wait for an answer, or for psql's end, with a timeout."""
 
-    def __init__(self, person: Person, dbname: str | None = None) -> None:
+    def __init__(self, person: Person, dbname: str | None = None, dsn: str | None = None) -> None:
         self.proc = subprocess.Popen(
-            ["psql", "-X", "-At", person.dsn(dbname)],
+            ["psql", "-X", "-At", dsn or person.dsn(dbname)],
             env=person.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
