@@ -6,15 +6,22 @@ db name, db user, client address, agent) and when, and belongs to one session. Q
 carry their outcome: the command tag and row count, or the error's SQLSTATE and message.
 COPY data is never recorded; bind parameters are, as text when they are text and as base64
 otherwise, truncated past a limit.
+
+An event is serialized once, by `encode_event` (pydantic-core, in Rust): agents spool those
+bytes and join them into the body of `POST /v1/audit/events` (`encode_batch`); the control
+plane validates the body in one call and stores each event's `encode_event` bytes. Nothing
+here touches a disk or a socket.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic_core import PydanticSerializationError
 
 SESSION_START = "db.session.start"
 SESSION_END = "db.session.end"
@@ -148,3 +155,22 @@ def parse_event(data: bytes | str | dict) -> AuditEvent:
     if isinstance(data, dict):
         return EVENT_ADAPTER.validate_python(data)
     return EVENT_ADAPTER.validate_json(data)
+
+
+def encode_event(event: AuditEvent) -> bytes:
+    """The event as compact UTF-8 JSON (fields in model order): the one serialization an
+    event gets. Raises ValueError when its text is not valid Unicode (a lone surrogate)."""
+    try:
+        return event.__pydantic_serializer__.to_json(event)
+    except PydanticSerializationError:
+        raise ValueError(
+            f"event {event.id} holds text that is not valid Unicode (a lone surrogate); the "
+            "sender must replace it before sending"
+        ) from None
+
+
+def encode_batch(events_json: Iterable[bytes]) -> bytes:
+    """The JSON body of an `AuditBatch` (`{"events": [...]}`) from events already encoded by
+    `encode_event`. Each may end in a newline, as spooled lines do: whitespace between the
+    items of a JSON array is allowed, so lines are joined as they are."""
+    return b'{"events":[' + b",".join(events_json) + b"]}"
