@@ -7,16 +7,25 @@ Layout, under `<data_dir>/audit/` (directory 0700, files 0600: queries can hold 
     *.torn-<time>      bytes cut from the end of a file at start (a write a crash interrupted)
     RETENTION.json     where the log starts after `prune_log` removed the oldest day files
 
-A record is the canonical JSON (`schemas.bundle.canonical_json`) of
+A record is one line of compact JSON, its keys always in this order:
 
-    {"seq": n, "prev": "<hash of record n-1>", "received": "<UTC time>", "from": "<host id>",
-     "event": {...}, "hash": "<sha256 hex>"}
+    {"seq":n,"prev":"<hash of record n-1>","received":"<UTC time>","from":"<host id>",
+     "event":{...},"hash":"<sha256 hex>"}
 
-where `hash` is the SHA-256 of the canonical JSON of the record without `hash`: the sequence
-number, the link to the previous record, the arrival time, the authenticated sender and the
-event. `seq` starts at 1 and the first `prev` is 64 zeros. The chain runs across day files:
-the first record of a day links to the last record of the file before it. `from` is the host
-id the sender's certificate proved (so an agent cannot pass its events off as another's).
+where `hash` is the SHA-256 of the line's own bytes up to (not including) `,"hash":`: the
+sequence number, the link to the previous record, the arrival time, the authenticated sender
+and the event, exactly as stored. So `verify` hashes each line as it is on disk and never
+re-serializes anything: a changed byte anywhere (reformatting too) changes the hash. `event`
+is the event as `schemas.audit.encode_event` serialized it once, after the control plane
+validated what the agent sent (agents are authenticated, their input is still checked).
+`seq` starts at 1 and the first `prev` is 64 zeros. The chain runs across day files: the
+first record of a day links to the last record of the file before it. `from` is the host id
+the sender's certificate proved (so an agent cannot pass its events off as another's).
+
+Logs written before this format (format 1: the canonical JSON of the record, keys sorted, the
+hash over the canonical JSON of the record without `hash`) still verify: `verify` tells a
+format-1 line by its first key (`{"event":`) and checks it the way it was written, and a
+store opened on such a log continues its chain in the current format.
 
 Files are by *arrival* day (the control plane's UTC clock), not by event time: a file is
 only ever appended to, in chain order, so an event an agent spooled for two days goes into
@@ -65,10 +74,17 @@ from typing import Any
 import pydantic
 
 from schemas.api import AuditAck, AuditBatch
-from schemas.audit import AuditEvent, parse_event
+from schemas.audit import AuditEvent, encode_event, parse_event
 from schemas.bundle import canonical_json
 from transport.files import PRIVATE, ensure_dir, write_atomic
-from transport.http import ApiError, Handler, Request, Response, json_response
+from transport.http import (
+    ApiError,
+    Handler,
+    Request,
+    Response,
+    describe_validation_error,
+    json_response,
+)
 
 log = logging.getLogger("teleport.control.audit")
 
@@ -80,6 +96,12 @@ DEFAULT_DEDUPE_WINDOW = timedelta(days=7)
 CLOCK_SKEW = timedelta(days=1)
 _DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
 _RECORD_KEYS = frozenset({"seq", "prev", "received", "from", "event", "hash"})
+# A record line (without its newline) ends in `,"hash":"<64 hex>"}`; the hash covers the
+# bytes before that suffix. A format-1 line starts with `{"event":` instead of `{"seq":`.
+_RECORD_START = b'{"seq":'
+_HASH_KEY = b',"hash":"'
+_HASH_SUFFIX = len(_HASH_KEY) + 64 + 2
+_HEX64 = re.compile(rb"[0-9a-f]{64}")
 
 
 class AuditStoreError(Exception):
@@ -90,8 +112,31 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def record_hash(record: dict[str, Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON of `record` without its `hash` key."""
+def encode_record(
+    seq: int, prev: str, received: str, sender_json: bytes, event_json: bytes
+) -> tuple[bytes, str]:
+    """One record's line (with its newline) and its hash. `sender_json` is the sender's host
+    id as a JSON string, `event_json` the event as `encode_event` gives it, `received` an
+    ISO time (no character JSON would escape)."""
+    head = b'{"seq":%d,"prev":"%s","received":"%s","from":%s,"event":%s' % (
+        seq, prev.encode(), received.encode(), sender_json, event_json,
+    )  # fmt: skip
+    digest = hashlib.sha256(head).hexdigest()
+    return b"%s%s%s\"}\n" % (head, _HASH_KEY, digest.encode()), digest
+
+
+def line_hash(line: bytes) -> str | None:
+    """The hash a record line (without its newline) should state: SHA-256 of the bytes
+    before its `,"hash":"..."}` suffix. None when the line does not end in that form."""
+    if len(line) <= _HASH_SUFFIX or not line.endswith(b'"}'):
+        return None
+    if line[-_HASH_SUFFIX:-_HASH_SUFFIX + len(_HASH_KEY)] != _HASH_KEY:
+        return None
+    return hashlib.sha256(line[:-_HASH_SUFFIX]).hexdigest()
+
+
+def legacy_record_hash(record: dict[str, Any]) -> str:
+    """Format 1: SHA-256 (hex) of the canonical JSON of `record` without its `hash` key."""
     body = {k: v for k, v in record.items() if k != "hash"}
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
@@ -200,8 +245,8 @@ def _parse_record(line: bytes) -> dict[str, Any] | None:
 class _Pending:
     """One caller's batch waiting for the group write."""
 
-    entries: list[tuple[str, bytes]]  # (event id, canonical event JSON)
-    sender: str
+    entries: Sequence[tuple[str, bytes]]  # (event id, the event's `encode_event` JSON)
+    sender_json: bytes  # the sender's host id as a JSON string
     done: bool = False
     accepted: int = 0
     duplicates: int = 0
@@ -228,7 +273,8 @@ class Repair:
 class AuditStore:
     """The audit log in `directory` (`<data_dir>/audit`), open for appending.
 
-    `append(events, sender)` -> (accepted, duplicates); `search(...)`; `verify()`; `close()`.
+    `append(events, sender)` -> (accepted, duplicates); `append_encoded` for events already
+    serialized; `append_body` for a request body; `search(...)`; `verify()`; `close()`.
     """
 
     def __init__(
@@ -364,17 +410,25 @@ class AuditStore:
         (nothing of this batch is then acknowledged or kept), `ValueError` for an event that
         cannot be stored as UTF-8 JSON.
         """
-        entries = []
-        for event in events:
-            body = event.model_dump(mode="json")
-            try:
-                entries.append((event.id, canonical_json(body)))
-            except UnicodeEncodeError:
-                raise ValueError(
-                    f"event {event.id} holds text that is not valid Unicode (a lone "
-                    "surrogate); the sender must replace it before sending"
-                ) from None
-        pending = _Pending(entries, sender)
+        return self.append_encoded([(event.id, encode_event(event)) for event in events],
+                                   sender)
+
+    def append_body(self, body: bytes, sender: str = "") -> tuple[int, int]:
+        """Validate `body`, the JSON of an `AuditBatch` as an agent sent it, in one
+        pydantic-core call, then store its events as `append` does. Raises pydantic's
+        `ValidationError` for a body that is not a valid batch (nothing is stored)."""
+        batch = AuditBatch.model_validate_json(body)
+        return self.append_encoded(
+            [(event.id, encode_event(event)) for event in batch.events], sender
+        )
+
+    def append_encoded(
+        self, entries: Sequence[tuple[str, bytes]], sender: str = ""
+    ) -> tuple[int, int]:
+        """`append` for events already serialized: `entries` are (event id, the event's
+        JSON exactly as `schemas.audit.encode_event` gave it for a validated event)."""
+        sender_json = json.dumps(sender).encode()
+        pending = _Pending(entries, sender_json)
         with self._queue_lock:
             self._queue.append(pending)
         with self._write_lock:
@@ -417,18 +471,22 @@ class AuditStore:
         day = now.date()
         received = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
         seen_now: set[str] = set()
+        known = list(self._ids.values())
         seq, prev = self._seq, self._hash
         lines: list[bytes] = []
         for pending in group:
+            sender_json = pending.sender_json
+            accepted = 0
             for event_id, event_json in pending.entries:
-                if event_id in seen_now or self._is_known(event_id):
-                    pending.duplicates += 1
+                if event_id in seen_now or any(event_id in ids for ids in known):
                     continue
                 seen_now.add(event_id)
                 seq += 1
-                line, prev = _record_line(seq, prev, received, pending.sender, event_json)
+                line, prev = encode_record(seq, prev, received, sender_json, event_json)
                 lines.append(line)
-                pending.accepted += 1
+                accepted += 1
+            pending.accepted = accepted
+            pending.duplicates = len(pending.entries) - accepted
         if not lines:
             return
         self._write_lines(day, lines)
@@ -446,9 +504,6 @@ class AuditStore:
     def _write_head(self, seq: int, digest: str, file: str) -> None:
         head = {"seq": seq, "hash": digest, "file": file}
         write_atomic(self.directory / HEAD_FILE, json.dumps(head).encode(), PRIVATE)
-
-    def _is_known(self, event_id: str) -> bool:
-        return any(event_id in ids for ids in self._ids.values())
 
     def _forget_old(self, today: date) -> None:
         oldest = today - timedelta(days=max(self.dedupe_window.days, 0))
@@ -523,22 +578,6 @@ class AuditStore:
         return verify_log(self.directory)
 
 
-def _record_line(
-    seq: int, prev: str, received: str, sender: str, event_json: bytes
-) -> tuple[bytes, str]:
-    """The canonical JSON line of one record (with its newline) and the record's hash.
-
-    Built by hand for speed, keys in sorted order (event, from, hash, prev, received, seq)
-    and the event already canonical: the same bytes `canonical_json` gives for the record.
-    """
-    sender_json = json.dumps(sender, ensure_ascii=False).encode()
-    tail = b',"prev":"' + prev.encode() + b'","received":' + json.dumps(received).encode() \
-        + b',"seq":' + str(seq).encode() + b"}"
-    head = b'{"event":' + event_json + b',"from":' + sender_json
-    digest = hashlib.sha256(head + tail).hexdigest()
-    return head + b',"hash":"' + digest.encode() + b'"' + tail + b"\n", digest
-
-
 @dataclass
 class _Scan:
     size: int = 0
@@ -604,6 +643,7 @@ class VerifyReport:
     problems: list[LogProblem] = field(default_factory=list)
     problem_count: int = 0
     notes: list[str] = field(default_factory=list)
+    format1_records: int = 0  # records written in the format before the current one
 
     @property
     def ok(self) -> bool:
@@ -665,6 +705,8 @@ def verify_log(directory: Path, max_problems: int = 100) -> VerifyReport:
                     continue
                 seq, stated = record["seq"], record["hash"]
                 report.records += 1
+                if not line.startswith(_RECORD_START):
+                    report.format1_records += 1
                 if report.first_seq is None:
                     report.first_seq = seq
                     if seq == 1 and record["prev"] != GENESIS:
@@ -715,12 +757,38 @@ def verify_log(directory: Path, max_problems: int = 100) -> VerifyReport:
             f"{HEAD_FILE} confirms: a write in progress, or the control plane stopped before "
             "confirming it"
         )
+    if report.format1_records:
+        report.notes.append(
+            f"{report.format1_records} record(s) are in the format of earlier versions "
+            "(sorted keys, the hash over the parsed record) and were checked as such"
+        )
     for torn in sorted(directory.glob("*.jsonl.torn-*")):
         report.notes.append(
             f"{torn.name}: bytes cut from the end of a day file at a start after a crash "
             "(a write that was never acknowledged)"
         )
     return report
+
+
+def _form_problems(record: dict[str, Any], line: bytes) -> list[str]:
+    """Whether `line` is a record as the control plane wrote it, and its hash its own."""
+    edited = "the line is not in the form the control plane writes: it was edited"
+    altered = "its hash does not match its content: the record was altered"
+    stated = record["hash"]
+    if line.startswith(_RECORD_START):
+        expected = line_hash(line)
+        written = line[-_HASH_SUFFIX + len(_HASH_KEY):-2]
+        if expected is None or not _HEX64.fullmatch(written) or stated != written.decode():
+            return [edited]
+        return [] if expected == stated else [altered]
+    # Format 1: canonical JSON, the hash over the parsed record.
+    try:
+        why = [] if canonical_json(record) == line else [edited]
+        if legacy_record_hash(record) != stated:
+            why.append(altered)
+    except UnicodeEncodeError:  # a lone surrogate: never written by the control plane
+        why = [edited]
+    return why
 
 
 def _record_problems(
@@ -733,12 +801,8 @@ def _record_problems(
     starts_file: bool,
 ) -> list[str]:
     """What is wrong with one record in its place, in words."""
-    why: list[str] = []
+    why = _form_problems(record, line)
     seq = record["seq"]
-    if canonical_json(record) != line:
-        why.append("the line is not in the form the control plane writes: it was edited")
-    if record_hash(record) != record["hash"]:
-        why.append("its hash does not match its content: the record was altered")
     where = f"{previous[0].name}:{previous[1]}" if previous else "the line before"
     if expected_seq is not None and seq > expected_seq:
         missing = seq - expected_seq
@@ -863,15 +927,20 @@ def audit_events_handler(
     """The handler of `POST /v1/audit/events` (AuditBatch -> AuditAck).
 
     `authenticate(request)` returns the calling host's id (proven by its certificate) or
-    raises `ApiError` (401/403). The batch is stored before the answer is sent; a store that
-    cannot write answers 503, so that the sender keeps its events and retries.
+    raises `ApiError` (401/403). The body is validated from its raw bytes in one
+    pydantic-core call and stored (`AuditStore.append_body`, in a worker thread: it waits
+    for the fsync) before the answer is sent; a store that cannot write answers 503, so that
+    the sender keeps its events and retries.
     """
 
     async def handle(request: Request) -> Response:
         sender = authenticate(request)
-        batch = request.json(AuditBatch)
         try:
-            accepted, duplicates = await asyncio.to_thread(store.append, batch.events, sender)
+            accepted, duplicates = await asyncio.to_thread(
+                store.append_body, request.body, sender
+            )
+        except pydantic.ValidationError as exc:
+            raise _refusal(exc) from None
         except ValueError as exc:
             raise ApiError(400, "invalid_event", str(exc)) from None
         except AuditStoreError as exc:
@@ -884,3 +953,20 @@ def audit_events_handler(
         return json_response(AuditAck(accepted=accepted, duplicates=duplicates))
 
     return handle
+
+
+def _refusal(exc: pydantic.ValidationError) -> ApiError:
+    """The 400 for a body that is not a valid `AuditBatch`, saying what is wrong and where
+    (never the values sent: they may hold secrets)."""
+    errors = exc.errors(include_url=False, include_input=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        detail = str(errors[0].get("ctx", {}).get("error", errors[0]["msg"]))
+        if "surrogate" in detail:
+            return ApiError(
+                400, "invalid_event",
+                f"the batch holds text that is not valid Unicode (a lone surrogate, {detail}); "
+                "the sender must replace it before sending",
+            )
+        return ApiError(400, "malformed_json", f"the request body is not valid JSON: {detail}; "
+                        "send an AuditBatch as UTF-8 JSON")
+    return ApiError(400, "invalid_request", f"invalid request: {describe_validation_error(exc)}")

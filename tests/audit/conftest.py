@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from control.audit_store import AuditStore, audit_events_handler
+from control.audit_store import (
+    GENESIS,
+    HEAD_FILE,
+    AuditStore,
+    audit_events_handler,
+    legacy_record_hash,
+)
+from dataplane.audit import Send, SendJson
 from schemas.api import AuditAck, AuditBatch
 from schemas.audit import (
     AuditEvent,
@@ -24,6 +32,7 @@ from schemas.audit import (
     SessionEndEvent,
     SessionStartEvent,
 )
+from schemas.bundle import canonical_json
 from transport.http import (
     ApiError,
     HttpClient,
@@ -83,6 +92,21 @@ def session_end(user: str = "bob") -> SessionEndEvent:
         db_name="app", db_user="app", duration_ms=1500, bytes_from_client=300,
         bytes_from_server=4200, reason="client disconnected",
     )
+
+
+def format1_log(directory: Path, events: list, received: str) -> str:
+    """A log as the control plane wrote it before the current format: canonical JSON with
+    sorted keys, the hash over the parsed record. Returns the last hash."""
+    prev, lines = GENESIS, []
+    for seq, event in enumerate(events, 1):
+        record = {"seq": seq, "prev": prev, "received": received, "from": "agent-1",
+                  "event": event.model_dump(mode="json")}
+        record["hash"] = prev = legacy_record_hash(record)
+        lines.append(canonical_json(record) + b"\n")
+    (directory / f"{received[:10]}.jsonl").write_bytes(b"".join(lines))
+    head = {"seq": len(events), "hash": prev, "file": f"{received[:10]}.jsonl"}
+    (directory / HEAD_FILE).write_text(json.dumps(head))
+    return prev
 
 
 class Clock:
@@ -147,7 +171,8 @@ class AuditEndpoint:
 
 
 class HttpSend:
-    """The agent's `send`: one AuditBatch per POST over a kept-alive connection."""
+    """The agent's `send`: one batch per POST over a kept-alive connection; called with an
+    AuditBatch (the model form), or `post` with the body's bytes (the `SendJson` form)."""
 
     def __init__(self, url: str, timeout: float = 2.0) -> None:
         self.client = HttpClient(url, timeout=timeout)
@@ -157,6 +182,17 @@ class HttpSend:
         self.calls += 1
         response = await self.client.request("POST", AUDIT_PATH, json=batch)
         return response.raise_for_error().json(AuditAck)
+
+    async def post(self, body: bytes) -> AuditAck:
+        self.calls += 1
+        response = await self.client.request(
+            "POST", AUDIT_PATH, body=body, headers={"content-type": "application/json"}
+        )
+        return response.raise_for_error().json(AuditAck)
+
+    def sender(self, form: str) -> Send | SendJson:
+        """This endpoint's `send` in `form`: "json" (bytes) or "model" (AuditBatch)."""
+        return SendJson(self.post) if form == "json" else self
 
     async def aclose(self) -> None:
         await self.client.aclose()

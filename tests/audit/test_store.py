@@ -4,12 +4,14 @@ file:line, torn writes, concurrent appends, search, and the HTTP endpoint."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import threading
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from control.audit_store import (
@@ -17,17 +19,19 @@ from control.audit_store import (
     HEAD_FILE,
     AuditStore,
     AuditStoreError,
+    encode_record,
+    line_hash,
     prune_log,
-    record_hash,
     search_log,
     verify_log,
 )
-from schemas.audit import Outcome
+from schemas.audit import Outcome, encode_batch, encode_event
 from schemas.bundle import canonical_json
 from tests.audit.conftest import (
     AUDIT_PATH,
     AuditEndpoint,
     Clock,
+    format1_log,
     numbered_events,
     query_event,
     session_end,
@@ -49,6 +53,15 @@ def only_file(directory: Path) -> Path:
     return path
 
 
+def rewritten(record: dict, *, rehash: bool) -> bytes:
+    """`record` (fields possibly edited) as a line in the store's form; with `rehash` its
+    hash is computed again, as a forger would, else the old hash is kept."""
+    event_json = json.dumps(record["event"], separators=(",", ":"), ensure_ascii=False)
+    line, digest = encode_record(record["seq"], record["prev"], record["received"],
+                                 json.dumps(record["from"]).encode(), event_json.encode())
+    return line if rehash else line.replace(digest.encode(), record["hash"].encode())
+
+
 def three_days(directory: Path) -> tuple[list[Path], Clock]:
     """Five records a day on 2024-05-01, 02 and 03."""
     clock = Clock()
@@ -62,7 +75,7 @@ def three_days(directory: Path) -> tuple[list[Path], Clock]:
 # -- appending and the chain ---------------------------------------------------------------
 
 
-def test_records_are_canonical_chained_and_verify(tmp_path: Path) -> None:
+def test_records_are_chained_and_hash_their_own_bytes(tmp_path: Path) -> None:
     events = numbered_events(3)
     with AuditStore(tmp_path, clock=Clock()) as store:
         assert store.append(events, "agent-7") == (3, 0)
@@ -72,10 +85,16 @@ def test_records_are_canonical_chained_and_verify(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines_of(path)]
     assert [r["seq"] for r in records] == [1, 2, 3]
     assert records[0]["prev"] == GENESIS
-    for before, record, line in zip([None, *records], records, lines_of(path), strict=False):
-        assert canonical_json(record) + b"\n" == line
-        assert record["hash"] == record_hash(record)
-        assert record["from"] == "agent-7"
+    for before, record, line, event in zip([None, *records], records, lines_of(path), events,
+                                           strict=False):
+        # The line as written: fixed key order, the event as encode_event serialized it,
+        # the hash over the bytes before `,"hash":`.
+        prefix = (f'{{"seq":{record["seq"]},"prev":"{record["prev"]}","received":'
+                  f'"{record["received"]}","from":"agent-7","event":').encode()
+        assert line == prefix + encode_event(event) + f',"hash":"{record["hash"]}"}}\n'.encode()
+        assert record["hash"] == line_hash(line[:-1])
+        assert record["hash"] == hashlib.sha256(line[: line.rindex(b',"hash":')]).hexdigest()
+        assert record["received"] == "2024-05-01T12:00:00.000000Z"
         if before is not None:
             assert record["prev"] == before["hash"]
     assert [r["event"]["id"] for r in records] == [e.id for e in events]
@@ -227,7 +246,7 @@ def test_an_edited_line_is_found_with_its_file_and_line(tmp_path: Path) -> None:
     lines = lines_of(path)
     record = json.loads(lines[2])
     record["event"]["query"] = "select 'nothing to see'"
-    lines[2] = canonical_json(record) + b"\n"
+    lines[2] = rewritten(record, rehash=False)
     write_lines(path, lines)
     report = verify_log(tmp_path)
     assert not report.ok
@@ -245,8 +264,7 @@ def test_an_edit_that_recomputes_the_hash_breaks_the_next_link(tmp_path: Path) -
     lines = lines_of(path)
     record = json.loads(lines[1])
     record["event"]["user"] = "mallory"
-    record["hash"] = record_hash(record)
-    lines[1] = canonical_json(record) + b"\n"
+    lines[1] = rewritten(record, rehash=True)
     write_lines(path, lines)
     report = verify_log(tmp_path)
     assert [(p.line, "does not link" in p.message) for p in report.problems] == [(3, True)]
@@ -262,6 +280,63 @@ def test_a_reformatted_line_is_an_edit(tmp_path: Path) -> None:
     report = verify_log(tmp_path)
     assert [p.line for p in report.problems] == [1]
     assert "not in the form" in report.problems[0].message
+
+
+def test_a_byte_changed_inside_the_event_is_found_by_the_hash(tmp_path: Path) -> None:
+    # Same JSON values, other bytes: the hash covers the bytes as stored.
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(3))
+    path = only_file(tmp_path)
+    lines = lines_of(path)
+    assert b'"user":"alice"' in lines[1]
+    lines[1] = lines[1].replace(b'"user":"alice"', b'"user": "alice"')
+    write_lines(path, lines)
+    report = verify_log(tmp_path)
+    assert [(p.line, p.message) for p in report.problems] == [
+        (2, "its hash does not match its content: the record was altered")
+    ]
+
+
+def test_a_hash_written_in_another_form_is_an_edit(tmp_path: Path) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(2))
+    path = only_file(tmp_path)
+    lines = lines_of(path)
+    record = json.loads(lines[0])
+    upper = record["hash"].upper().encode()
+    lines[0] = lines[0].replace(record["hash"].encode(), upper)
+    write_lines(path, lines)
+    report = verify_log(tmp_path)
+    assert [p.line for p in report.problems][:1] == [1]
+    assert "not in the form" in report.problems[0].message
+
+
+def test_a_log_of_the_earlier_format_still_verifies_and_is_continued(tmp_path: Path) -> None:
+    clock = Clock()
+    old = numbered_events(3)
+    last = format1_log(tmp_path, old, "2024-05-01T11:00:00.000000Z")
+    report = verify_log(tmp_path)
+    assert report.ok and report.format1_records == 3
+    assert "3 record(s) are in the format of earlier versions" in report.notes[0]
+    new = numbered_events(2)
+    with AuditStore(tmp_path, clock=clock) as store:
+        assert (store.last_seq, store.last_hash, store.known_ids()) == (3, last, 3)
+        assert store.append([old[0], *new]) == (2, 1)  # ids of the old format dedupe too
+    lines = lines_of(only_file(tmp_path))
+    assert [line[:9] for line in lines] == [b'{"event":'] * 3 + [b'{"seq":4,'] * 1 + [b'{"seq":5,']
+    assert json.loads(lines[3])["prev"] == last
+    report = verify_log(tmp_path)
+    assert report.ok and report.records == 5 and report.format1_records == 3
+    assert [e.id for e in search_log(tmp_path)] == [e.id for e in [*old, *new]]
+    # An edit to a format-1 line is found the way that format was checked.
+    record = json.loads(lines[1])
+    record["event"]["query"] = "select 'other'"
+    lines[1] = canonical_json(record) + b"\n"
+    write_lines(only_file(tmp_path), lines)
+    report = verify_log(tmp_path)
+    assert [(p.line, p.message) for p in report.problems] == [
+        (2, "its hash does not match its content: the record was altered")
+    ]
 
 
 def test_a_deleted_line_is_found(tmp_path: Path) -> None:
@@ -460,21 +535,44 @@ def test_the_endpoint_stores_and_acknowledges(tmp_path: Path) -> None:
                     r = await client.request("POST", AUDIT_PATH, json=payload)
                     out.append((r.status, r.json()))
                 raw = json.dumps(body).replace("select", "\\udc80select").encode()
-                r = await client.request("POST", AUDIT_PATH, body=raw,
-                                         headers={"content-type": "application/json"})
-                out.append((r.status, r.json()))
+                cut = json.dumps(body).encode()[:-3]
+                for payload in (raw, cut, b'{"events":[{"query":"\xff"}]}'):
+                    r = await client.request("POST", AUDIT_PATH, body=payload,
+                                             headers={"content-type": "application/json"})
+                    out.append((r.status, r.json()))
         finally:
             await endpoint.stop()
         return out
 
-    (s1, a1), (s2, a2), (s3, a3), (s4, a4) = asyncio.run(main())
+    (s1, a1), (s2, a2), (s3, a3), (s4, a4), (s5, a5), (s6, a6) = asyncio.run(main())
     assert (s1, a1) == (200, {"accepted": 3, "duplicates": 0})
     assert (s2, a2) == (200, {"accepted": 0, "duplicates": 3})
     assert s3 == 400 and a3["error"]["code"] == "invalid_request"
+    assert "events[0].db.session.query.cluster: Field required" in a3["error"]["message"]
     assert s4 == 400 and a4["error"]["code"] == "invalid_event"
     assert "lone surrogate" in a4["error"]["message"]
+    assert (s5, a5["error"]["code"]) == (400, "malformed_json")
+    assert a5["error"]["message"].startswith("the request body is not valid JSON: EOF while")
+    assert (s6, a6["error"]["code"]) == (400, "malformed_json")
+    assert "invalid unicode code point" in a6["error"]["message"]
     stored = [json.loads(line) for line in lines_of(only_file(tmp_path))]
     assert [r["from"] for r in stored] == ["host-42"] * 3
+
+
+def test_a_body_of_joined_event_lines_is_validated_and_stored_once(tmp_path: Path) -> None:
+    events = numbered_events(3)
+    lines = [encode_event(e) + b"\n" for e in events]  # as the agent spools them
+    with AuditStore(tmp_path) as store:
+        assert store.append_body(encode_batch(lines), "agent-2") == (3, 0)
+        assert store.append_body(encode_batch(lines[1:]), "agent-2") == (0, 2)
+        extra = encode_batch([lines[0].replace(b'"query":', b'"secret":"x","query":')])
+        with pytest.raises(pydantic.ValidationError, match="Extra inputs are not permitted"):
+            store.append_body(extra)
+        assert store.last_seq == 3
+    stored = [json.loads(line) for line in lines_of(only_file(tmp_path))]
+    assert [r["from"] for r in stored] == ["agent-2"] * 3
+    assert [r["event"] for r in stored] == [json.loads(line) for line in lines]
+    assert verify_log(tmp_path).ok
 
 
 def test_the_endpoint_answers_503_when_the_store_cannot_write(tmp_path: Path) -> None:

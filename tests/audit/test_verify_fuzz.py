@@ -1,4 +1,5 @@
-"""Fuzzing `verify_log`: any change to any byte of the log is found, and no input, however
+"""Fuzzing `verify_log`: any change to any byte of the log (of the current format, and one
+continued from the earlier format) is found, and no input, however
 broken, makes it raise. Also: a store opened on a broken log starts and keeps chaining."""
 
 from __future__ import annotations
@@ -14,18 +15,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from control.audit_store import AuditStore, verify_log
-from tests.audit.conftest import Clock, numbered_events, session_end, session_start
+from tests.audit.conftest import (
+    Clock,
+    format1_log,
+    numbered_events,
+    session_end,
+    session_start,
+)
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["current", "continued from format 1"])
+def pristine(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """Two days of records; or a day in the earlier format, then the current one."""
     directory = tmp_path_factory.mktemp("pristine")
     clock = Clock()
+    if request.param != "current":
+        format1_log(directory, [session_start(), *numbered_events(3)],
+                    "2024-04-30T08:00:00.000000Z")
     with AuditStore(directory, clock=clock) as store:
         store.append([session_start(), *numbered_events(4)])
         clock.advance(days=1)
         store.append([*numbered_events(3), session_end()])
-    assert verify_log(directory).ok
+    report = verify_log(directory)
+    assert report.ok and report.format1_records == (0 if request.param == "current" else 4)
     return directory
 
 
