@@ -10,6 +10,7 @@ from dataplane.audit.shipper import (
     AuditSpoolError,
     BatchRejected,
     Send,
+    SendJson,
     ShipperStats,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "AuditSpoolError",
     "BatchRejected",
     "Send",
+    "SendJson",
     "ShipperStats",
 ]

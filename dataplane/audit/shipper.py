@@ -1,17 +1,28 @@
 """`AuditShipper`: the agent's `AuditSink`. Events go to the control plane in batches, and
 to a disk spool while it cannot take them; nothing is dropped to keep the data path moving.
 
-    shipper = AuditShipper(send, data_dir / "audit-spool")
+    shipper = AuditShipper(SendJson(post), data_dir / "audit-spool")
     await shipper.start()        # a spool left by an earlier run is sent first
     shipper.emit(event)          # from the data path: queue and return
     if not shipper.can_accept_sessions(): refuse, saying shipper.refusal_reason()
     await shipper.close()        # shutdown: what is in memory is delivered or spooled
 
-`send(batch) -> AuditAck` is an async callable that posts one `AuditBatch` to the control
-plane (`POST /v1/audit/events`; the host's API client supplies it). Any exception means "not
-taken now, try again later", except a refusal of the batch itself (`BatchRejected`, or an
-exception whose `status` is 400, 413 or 422): the batch is then split to find the events
-refused, which go to `rejected.jsonl` in the spool with an error log, and the rest is sent.
+`send` posts one batch to the control plane (`POST /v1/audit/events`; the host's API client
+supplies it), in one of two forms:
+
+- `SendJson(post)`: `post(body: bytes) -> AuditAck` posts `body` as it is. The shipper
+  serializes each event once (`schemas.audit.encode_event`, in pydantic-core) when it takes
+  it from memory; those bytes are the spool's lines and, joined, the request body
+  (`schemas.audit.encode_batch`). Spooled lines are sent again without being parsed: the
+  control plane validates every batch, and a line it refuses is kept in `rejected.jsonl`.
+- `send(batch: AuditBatch) -> AuditAck` (the earlier form): the HTTP client serializes the
+  batch's models a second time, and spooled lines are parsed back into models (a line that
+  is not an event is skipped with an error and counted as lost).
+
+Any exception means "not taken now, try again later", except a refusal of the batch itself
+(`BatchRejected`, or an exception whose `status` is 400, 413 or 422): the batch is then
+split to find the events refused, which go to `rejected.jsonl` in the spool with an error
+log, and the rest is sent.
 
 Order and delivery: events leave in the order they were emitted. A batch goes out when it
 holds `batch_events` events or `batch_bytes` bytes of JSON, or when its oldest event has
@@ -51,15 +62,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pydantic
-import pydantic_core
 
 from dataplane.audit.spool import SEGMENT_BYTES, Segment, Spool
 from schemas.api import AuditAck, AuditBatch
-from schemas.audit import AuditEvent, parse_event
+from schemas.audit import AuditEvent, encode_batch, encode_event, parse_event
 
 log = logging.getLogger("teleport.audit.shipper")
 
 Send = Callable[[AuditBatch], Awaitable[AuditAck]]
+
+
+@dataclass(frozen=True)
+class SendJson:
+    """`send` in its cheaper form: `post(body)` posts `body`, the JSON of an `AuditBatch`
+    joined from the events' lines (each serialized once), and returns the `AuditAck`."""
+
+    post: Callable[[bytes], Awaitable[AuditAck]]
 
 #: Statuses that mean "this batch will never be taken as it is" (not "try later").
 REJECT_STATUSES = frozenset({400, 413, 422})
@@ -87,12 +105,18 @@ class ShipperStats:
 
 @dataclass
 class _Batch:
-    events: list[AuditEvent]
-    lines: list[bytes]  # each event's JSON with a newline, as spooled
+    lines: list[bytes]  # each event's JSON with a newline: spooled and sent as they are
+    # The models: for events taken from memory (given back to it if they cannot be placed),
+    # and for spooled ones when `send` takes models. None for spooled lines otherwise.
+    events: list[AuditEvent] | None
 
     @property
     def nbytes(self) -> int:
-        return sum(len(line) for line in self.lines)
+        return sum(map(len, self.lines))
+
+    def part(self, start: int, end: int | None = None) -> _Batch:
+        events = self.events[start:end] if self.events is not None else None
+        return _Batch(self.lines[start:end], events)
 
 
 class AuditShipper:
@@ -100,7 +124,7 @@ class AuditShipper:
 
     def __init__(
         self,
-        send: Send,
+        send: SendJson | Send,
         spool_dir: Path,
         *,
         batch_events: int = 500,
@@ -116,6 +140,7 @@ class AuditShipper:
         if batch_events < 1 or batch_bytes < 1 or spool_max_bytes < 1:
             raise ValueError("batch_events, batch_bytes and spool_max_bytes must be positive")
         self._send = send
+        self._send_json = isinstance(send, SendJson)
         self.spool_dir = Path(spool_dir)
         self.batch_events = batch_events
         self.batch_bytes = batch_bytes
@@ -133,7 +158,7 @@ class AuditShipper:
         self._wake: asyncio.Event | None = None
         self._stepped: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._reading: tuple[Segment, list[AuditEvent]] | None = None
+        self._reading: tuple[Segment, list[AuditEvent] | None] | None = None
         self._in_flight = 0  # events taken from memory and not yet delivered or spooled
         self._flushing = 0
         self._stopping = False
@@ -357,30 +382,37 @@ class AuditShipper:
                 await self._wake.wait()
 
     def _take_batch(self) -> _Batch:
-        """Up to `batch_events` events and `batch_bytes` bytes from memory (at least one)."""
-        batch = _Batch([], [])
+        """Up to `batch_events` events and `batch_bytes` bytes from memory (at least one),
+        each serialized here, once."""
+        events: list[AuditEvent] = []
+        lines: list[bytes] = []
         size = 0
         queue = self._queue
-        while queue and len(batch.events) < self.batch_events:
+        limit = self.batch_events
+        while queue and len(lines) < limit:
             event = queue.popleft()
             try:
-                event, line = _encode(event)
-            except Exception as exc:  # not an event at all: a defect in the emitter
-                self._lose(1, f"an emitted object could not be encoded ({exc!r})")
-                continue
-            if batch.events and size + len(line) > self.batch_bytes:
+                line = encode_event(event) + b"\n"
+            except Exception as exc:
+                try:
+                    event, line = _cleaned(event, exc)
+                except Exception as error:  # not an event at all: a defect in the emitter
+                    self._lose(1, f"an emitted object could not be encoded ({error!r})")
+                    continue
+            if lines and size + len(line) > self.batch_bytes:
                 queue.appendleft(event)
                 break
-            batch.events.append(event)
-            batch.lines.append(line)
+            events.append(event)
+            lines.append(line)
             size += len(line)
         # What is left (if any) keeps `_first_at`: it is older than `interval` too, or this
         # batch was full; either way it may go at once.
-        self._in_flight += len(batch.events)
-        return batch
+        self._in_flight += len(lines)
+        return _Batch(lines, events)
 
     def _give_back(self, batch: _Batch) -> None:
         """Put events taken from memory back at its front, in order."""
+        assert batch.events is not None
         self._queue.extendleft(reversed(batch.events))
 
     async def _send_from_memory(self, batch: _Batch) -> None:
@@ -391,16 +423,16 @@ class AuditShipper:
             try:
                 if self._spool.fits(batch.nbytes):
                     self._spool.append(batch.lines)
-                    self.stats.spooled += len(batch.events)
+                    self.stats.spooled += len(batch.lines)
                 else:
-                    self._lose(len(batch.events), "closing while the spool was full")
+                    self._lose(len(batch.lines), "closing while the spool was full")
             except OSError as exc:
-                self._lose(len(batch.events), f"closing, and the spool failed: {exc}")
-            self._in_flight -= len(batch.events)
+                self._lose(len(batch.lines), f"closing, and the spool failed: {exc}")
+            self._in_flight -= len(batch.lines)
             raise
-        rest = _Batch(batch.events[done:], batch.lines[done:])
+        rest = batch.part(done)
         self._in_flight -= done
-        if rest.events:
+        if rest.lines:
             await self._spool_batch(rest)
 
     async def _spool_batch(self, batch: _Batch) -> bool:
@@ -418,11 +450,11 @@ class AuditShipper:
             if isinstance(exc, OSError):
                 log.error("audit: cannot write the spool %s: %s", self.spool_dir, exc)
                 self._set_spool_full()
-            self._in_flight -= len(batch.events)
+            self._in_flight -= len(batch.lines)
             self._give_back(batch)
             return False
-        self.stats.spooled += len(batch.events)
-        self._in_flight -= len(batch.events)
+        self.stats.spooled += len(batch.lines)
+        self._in_flight -= len(batch.lines)
         return True
 
     async def _send_from_spool(self) -> None:
@@ -431,18 +463,19 @@ class AuditShipper:
             if self._reading is None:
                 return
         segment, events = self._reading
+        lines = segment.lines
         start = segment.position
         end = start
         size = 0
-        while end < len(events) and end - start < self.batch_events:
-            if end > start and size + len(segment.lines[end]) > self.batch_bytes:
+        while end < len(lines) and end - start < self.batch_events:
+            if end > start and size + len(lines[end]) > self.batch_bytes:
                 break
-            size += len(segment.lines[end])
+            size += len(lines[end])
             end += 1
-        batch = _Batch(events[start:end], segment.lines[start:end])
-        if batch.events:
+        batch = _Batch(lines[start:end], events[start:end] if events is not None else None)
+        if batch.lines:
             segment.position += await self._deliver(batch)
-        if segment.position >= len(events):
+        if segment.position >= len(lines):
             await asyncio.to_thread(self._spool.done, segment)
             self._reading = None
             if self._spool_full and self._spool.bytes <= self._spool.max_bytes * 0.9:
@@ -452,10 +485,12 @@ class AuditShipper:
                     "accepted", self.spool_dir, self._spool.bytes,
                 )
 
-    def _read_oldest(self) -> tuple[Segment, list[AuditEvent]] | None:
+    def _read_oldest(self) -> tuple[Segment, list[AuditEvent] | None] | None:
         segment = self._spool.oldest()
         if segment is None:
             return None
+        if self._send_json:
+            return segment, None  # sent as they are: the control plane validates them
         events: list[AuditEvent] = []
         lines: list[bytes] = []
         for number, line in enumerate(segment.lines, 1):
@@ -474,11 +509,14 @@ class AuditShipper:
     async def _deliver(self, batch: _Batch) -> int:
         """Send `batch`; how many of its leading events are done with (acknowledged, or
         refused and kept in rejected.jsonl). 0 when the control plane is not taking events."""
-        if not batch.events:
+        if not batch.lines:
             return 0
         try:
             async with asyncio.timeout(self.send_timeout):
-                ack = await self._send(AuditBatch.model_construct(events=batch.events))
+                if isinstance(self._send, SendJson):
+                    ack = await self._send.post(encode_batch(batch.lines))
+                else:
+                    ack = await self._send(AuditBatch.model_construct(events=batch.events))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -486,15 +524,14 @@ class AuditShipper:
                 return await self._split_rejected(batch, exc)
             self._failed(exc)
             return 0
-        self._succeeded(ack, len(batch.events))
-        return len(batch.events)
+        self._succeeded(ack, len(batch.lines))
+        return len(batch.lines)
 
     async def _split_rejected(self, batch: _Batch, exc: Exception) -> int:
-        if len(batch.events) == 1:
-            event = batch.events[0]
+        if len(batch.lines) == 1:
             log.error(
-                "audit: the control plane refused event %s (%s): %s; kept in %s",
-                event.id, event.type, exc, self.spool_dir / "rejected.jsonl",
+                "audit: the control plane refused event %s: %s; kept in %s",
+                _describe(batch), exc, self.spool_dir / "rejected.jsonl",
             )
             try:
                 kept = await asyncio.to_thread(self._spool.reject, batch.lines[0])
@@ -506,13 +543,11 @@ class AuditShipper:
             else:
                 self._lose(1, "the control plane refused it and rejected.jsonl is full")
             return 1
-        middle = len(batch.events) // 2
-        first = _Batch(batch.events[:middle], batch.lines[:middle])
-        done = await self._deliver(first)
+        middle = len(batch.lines) // 2
+        done = await self._deliver(batch.part(0, middle))
         if done < middle:
             return done
-        second = _Batch(batch.events[middle:], batch.lines[middle:])
-        return middle + await self._deliver(second)
+        return middle + await self._deliver(batch.part(middle))
 
     def _failed(self, exc: Exception) -> None:
         self.stats.send_failures += 1
@@ -563,18 +598,27 @@ class _NoRoom(Exception):
     pass
 
 
-def _encode(event: AuditEvent) -> tuple[AuditEvent, bytes]:
-    """The event (cleaned if it had to be) and its JSON line."""
+def _cleaned(event: AuditEvent, exc: Exception) -> tuple[AuditEvent, bytes]:
+    """An event `encode_event` refused (`exc`), with text that is not valid Unicode (a lone
+    surrogate) replaced so that it can be stored at all, and its line. Raises if `event` is
+    not an event."""
+    if not isinstance(exc, ValueError):
+        raise exc
+    text = json.dumps(event.model_dump(mode="json"), ensure_ascii=False)
+    log.warning("audit: event %s held text that is not valid Unicode; replaced", event.id)
+    cleaned = parse_event(text.encode("utf-8", "replace"))
+    return cleaned, encode_event(cleaned) + b"\n"
+
+
+def _describe(batch: _Batch) -> str:
+    """`<id> (<type>)` of a one-event batch, for the log (never its contents)."""
+    if batch.events:
+        return f"{batch.events[0].id} ({batch.events[0].type})"
     try:
-        return event, event.model_dump_json().encode() + b"\n"
-    except pydantic_core.PydanticSerializationError:
-        # Text that is not valid Unicode (a lone surrogate): replace it, so that the event
-        # can be stored at all.
-        text = json.dumps(event.model_dump(mode="json"), ensure_ascii=False)
-        line = text.encode("utf-8", "replace")
-        log.warning("audit: event %s held text that is not valid Unicode; replaced", event.id)
-        cleaned = parse_event(line)
-        return cleaned, cleaned.model_dump_json().encode() + b"\n"
+        data = json.loads(batch.lines[0])
+        return f"{data.get('id')} ({data.get('type')})"
+    except (ValueError, AttributeError, RecursionError):
+        return "(a spooled line that is not JSON)"
 
 
 def _when(moment: datetime | None) -> str:

@@ -23,11 +23,17 @@ import uvloop
 
 from control.audit_store import search_log, verify_log
 from dataplane.audit import AuditShipper
-from schemas.audit import AuditEvent
+from schemas.audit import AuditEvent, encode_event
 from tests.audit.conftest import AuditEndpoint, HttpSend, numbered_events, query_event
 from transport.http import ServerLimits
 
 FAST = {"interval": 0.02, "retry_min": 0.02, "retry_max": 0.2, "send_timeout": 3.0}
+
+
+@pytest.fixture(params=["json", "model"])
+def form(request: pytest.FixtureRequest) -> str:
+    """The two forms of `send`: the body's bytes (`SendJson`) or an AuditBatch."""
+    return request.param
 
 
 def free_port() -> int:
@@ -50,14 +56,16 @@ def stored_ids(directory: Path) -> list[str]:
     return [e.id for e in search_log(directory)]
 
 
-def test_events_go_in_batches_in_the_order_they_were_emitted(tmp_path: Path) -> None:
+def test_events_go_in_batches_in_the_order_they_were_emitted(
+    form: str, tmp_path: Path
+) -> None:
     endpoint = AuditEndpoint(tmp_path / "audit")
     events = numbered_events(1200)
 
     async def main() -> AuditShipper:
         await endpoint.start()
         send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send, tmp_path / "spool", batch_events=500, **FAST)
+        shipper = AuditShipper(send.sender(form), tmp_path / "spool", batch_events=500, **FAST)
         await shipper.start()
         for event in events:
             shipper.emit(event)
@@ -74,13 +82,13 @@ def test_events_go_in_batches_in_the_order_they_were_emitted(tmp_path: Path) -> 
     assert list((tmp_path / "spool").iterdir()) == []
 
 
-def test_a_lone_event_waits_at_most_the_interval(tmp_path: Path) -> None:
+def test_a_lone_event_waits_at_most_the_interval(form: str, tmp_path: Path) -> None:
     endpoint = AuditEndpoint(tmp_path / "audit")
 
     async def main() -> float:
         await endpoint.start()
         send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send, tmp_path / "spool", interval=0.2)
+        shipper = AuditShipper(send.sender(form), tmp_path / "spool", interval=0.2)
         await shipper.start()
         started = time.monotonic()
         shipper.emit(query_event())
@@ -96,7 +104,7 @@ def test_a_lone_event_waits_at_most_the_interval(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_ten_thousand_events_from_twenty_clients_across_two_restarts(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, loop: str
+    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, loop: str
 ) -> None:
     """The acceptance's bar for the delivery path: exactly 10,000 stored, none twice, the
     chain intact, while the control plane is stopped and started twice mid-stream."""
@@ -115,7 +123,7 @@ def test_ten_thousand_events_from_twenty_clients_across_two_restarts(
         await endpoint.start()
         endpoint.after_store = lose_one_answer
         send = HttpSend(endpoint.url, timeout=1.0)
-        shipper = AuditShipper(send, tmp_path / "spool", batch_events=200,
+        shipper = AuditShipper(send.sender(form), tmp_path / "spool", batch_events=200,
                                segment_bytes=64 * 1024, **FAST)
         await shipper.start()
         outage_at: list[int] = []
@@ -177,7 +185,7 @@ def test_ten_thousand_events_from_twenty_clients_across_two_restarts(
 
 
 def test_a_full_spool_refuses_sessions_until_delivery_frees_it(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     endpoint = AuditEndpoint(tmp_path / "audit")
     endpoint.port = free_port()
@@ -185,7 +193,7 @@ def test_a_full_spool_refuses_sessions_until_delivery_frees_it(
 
     async def main() -> None:
         send = HttpSend(endpoint.url, timeout=0.5)
-        shipper = AuditShipper(send, tmp_path / "spool", batch_events=20,
+        shipper = AuditShipper(send.sender(form), tmp_path / "spool", batch_events=20,
                                spool_max_bytes=40_000, segment_bytes=8_000, **FAST)
         await shipper.start()
         assert shipper.can_accept_sessions() and shipper.refusal_reason() is None
@@ -247,7 +255,7 @@ KILLED_AGENT = textwrap.dedent("""
 
 
 def test_a_spool_left_by_a_killed_agent_is_sent_first_at_start(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     spool = tmp_path / "spool"
     agent = subprocess.Popen([sys.executable, "-c", KILLED_AGENT, str(spool)],
@@ -269,7 +277,7 @@ def test_a_spool_left_by_a_killed_agent_is_sent_first_at_start(
     async def main() -> None:
         await endpoint.start()
         send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send, spool, **FAST)
+        shipper = AuditShipper(send.sender(form), spool, **FAST)
         for event in new:  # emitted before start: they wait behind the spool
             shipper.emit(event)
         await shipper.start()
@@ -286,8 +294,49 @@ def test_a_spool_left_by_a_killed_agent_is_sent_first_at_start(
     assert list(spool.glob("*.jsonl")) == []
 
 
+def test_a_spooled_line_that_is_not_an_event(
+    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Disk corruption in a spool segment: sent as it is in the JSON form (the control plane
+    refuses it, and it is kept in rejected.jsonl); skipped and counted lost in the model
+    form, which must parse it. The events around it are delivered either way."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    first, last = numbered_events(3), numbered_events(2)
+    garbage = b'{"cluster":"example","session_id":"sess-1",\x00garbage}\n'
+    (spool / f"{1:020d}.jsonl").write_bytes(
+        b"".join(encode_event(e) + b"\n" for e in first) + garbage
+        + b"".join(encode_event(e) + b"\n" for e in last)
+    )
+    endpoint = AuditEndpoint(tmp_path / "audit")
+
+    async def main() -> AuditShipper:
+        await endpoint.start()
+        send = HttpSend(endpoint.url)
+        shipper = AuditShipper(send.sender(form), spool, **FAST)
+        await shipper.start()
+        await delivered(endpoint, 5)
+        assert await shipper.close()
+        await send.aclose()
+        await endpoint.stop()
+        return shipper
+
+    with caplog.at_level(logging.ERROR, logger="teleport.audit.shipper"):
+        shipper = asyncio.run(main())
+    assert stored_ids(tmp_path / "audit") == [e.id for e in [*first, *last]]
+    assert list(spool.glob("0*.jsonl")) == []
+    if form == "json":
+        assert (spool / "rejected.jsonl").read_bytes() == garbage
+        assert (shipper.stats.rejected, shipper.stats.lost) == (1, 0)
+        assert "refused event (a spooled line that is not JSON)" in caplog.text
+    else:
+        assert not (spool / "rejected.jsonl").exists()
+        assert (shipper.stats.rejected, shipper.stats.lost) == (0, 1)
+        assert "is not an audit event; skipped" in caplog.text
+
+
 def test_an_event_the_control_plane_refuses_is_kept_aside_and_the_rest_delivered(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     endpoint = AuditEndpoint(tmp_path / "audit", limits=ServerLimits(max_body_bytes=16 * 1024))
     before, after = numbered_events(7), numbered_events(8)
@@ -296,7 +345,7 @@ def test_an_event_the_control_plane_refuses_is_kept_aside_and_the_rest_delivered
     async def main() -> AuditShipper:
         await endpoint.start()
         send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send, tmp_path / "spool", batch_bytes=64 * 1024,
+        shipper = AuditShipper(send.sender(form), tmp_path / "spool", batch_bytes=64 * 1024,
                                interval=10.0, retry_min=0.02)
         await shipper.start()
         for event in [*before, huge, *after]:
@@ -316,7 +365,7 @@ def test_an_event_the_control_plane_refuses_is_kept_aside_and_the_rest_delivered
     assert f"refused event {huge.id}" in caplog.text
 
 
-def test_emit_never_raises_and_never_blocks(tmp_path: Path) -> None:
+def test_emit_never_raises_and_never_blocks(form: str, tmp_path: Path) -> None:
     endpoint = AuditEndpoint(tmp_path / "audit")
     good = numbered_events(3)
     odd = query_event("select '\udc80'")  # not valid Unicode: cleaned, still delivered
@@ -324,7 +373,7 @@ def test_emit_never_raises_and_never_blocks(tmp_path: Path) -> None:
     async def main() -> AuditShipper:
         await endpoint.start()
         send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send, tmp_path / "spool", **FAST)
+        shipper = AuditShipper(send.sender(form), tmp_path / "spool", **FAST)
         await shipper.start()
         shipper.emit(good[0])
         shipper.emit("not an event")  # type: ignore[arg-type]
@@ -346,13 +395,15 @@ def test_emit_never_raises_and_never_blocks(tmp_path: Path) -> None:
     assert shipper.stats.lost == 2
 
 
-def test_close_with_the_control_plane_away_spools_what_is_in_memory(tmp_path: Path) -> None:
+def test_close_with_the_control_plane_away_spools_what_is_in_memory(
+    form: str, tmp_path: Path
+) -> None:
     port = free_port()
     events = numbered_events(40)
 
     async def main() -> AuditShipper:
         send = HttpSend(f"http://127.0.0.1:{port}", timeout=0.3)
-        shipper = AuditShipper(send, tmp_path / "spool", interval=5.0, retry_min=0.05)
+        shipper = AuditShipper(send.sender(form), tmp_path / "spool", interval=5.0, retry_min=0.05)
         await shipper.start()
         for event in events:
             shipper.emit(event)
@@ -368,13 +419,13 @@ def test_close_with_the_control_plane_away_spools_what_is_in_memory(tmp_path: Pa
 
 
 def test_too_many_events_in_memory_refuse_sessions_then_count_what_is_dropped(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
 
     async def main() -> AuditShipper:
         send = HttpSend(f"http://127.0.0.1:{port}", timeout=0.3)
-        shipper = AuditShipper(send, tmp_path / "spool", spool_max_bytes=2_000,
+        shipper = AuditShipper(send.sender(form), tmp_path / "spool", spool_max_bytes=2_000,
                                max_memory_events=50, **FAST)
         await shipper.start()
         for event in numbered_events(99):
