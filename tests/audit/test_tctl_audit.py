@@ -14,7 +14,14 @@ from control.audit_store import AuditStore
 from control.tctl import UsageError, main
 from control.tctl.audit_cmd import parse_when
 from schemas.audit import BindEvent, ExecuteEvent, Outcome, ParseEvent
-from tests.audit.conftest import Clock, numbered_events, query_event, session_end, session_start
+from tests.audit.conftest import (
+    Clock,
+    format1_log,
+    numbered_events,
+    query_event,
+    session_end,
+    session_start,
+)
 
 NOW = datetime.now(UTC)
 
@@ -74,6 +81,31 @@ def test_verify_exit_1_names_the_first_bad_line(
                      "not match its content: the record was altered")
     assert out.splitlines()[-1] == (f"1 problem(s) in 9 record(s) of 1 day file(s); the first "
                                     f"is at {path}:2.")
+
+
+def test_verify_and_search_read_a_log_continued_from_the_earlier_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    old = [query_event("select 'written by an earlier version'", user="frank")]
+    format1_log(audit, old, "2024-04-30T10:00:00.000000Z")
+    with AuditStore(audit, clock=Clock()) as store:
+        store.append([query_event("select 'written now'", user="frank")], "agent-1")
+    code, out, _ = tctl(capsys, "audit", "verify", "--data-dir", str(tmp_path))
+    assert code == 0
+    assert out == (
+        f"Audit log {audit} is intact: 2 record(s), seq 1 to 2, in 2 day file(s).\n"
+        "note: 1 record(s) are in the format of earlier versions (sorted keys, the hash over "
+        "the parsed record) and were checked as such\n"
+    )
+    code, out, _ = tctl(capsys, "audit", "search", "--user", "frank", "--data-dir",
+                        str(tmp_path))
+    assert code == 0
+    assert [line.split("  ")[-1] for line in out.splitlines()] == [
+        "select 'written by an earlier version' -> SELECT 1 (1 row)",
+        "select 'written now' -> SELECT 1 (1 row)",
+    ]
 
 
 def test_verify_without_a_log_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
