@@ -3,7 +3,8 @@
 Layout, under `<data_dir>/audit/` (directory 0700, files 0600: queries can hold secrets):
 
     2024-05-01.jsonl   one record per line, in the order the control plane received them
-    HEAD.json          {"seq", "hash", "file"} of the last record written (rewritten per batch)
+    HEAD.json          {"seq", "hash", "file"} of the last record written (rewritten per batch,
+                       through HEAD.json.tmp)
     *.torn-<time>      bytes cut from the end of a file at start (a write a crash interrupted)
     RETENTION.json     where the log starts after `prune_log` removed the oldest day files
 
@@ -112,17 +113,20 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def encode_record(
-    seq: int, prev: str, received: str, sender_json: bytes, event_json: bytes
-) -> tuple[bytes, str]:
-    """One record's line (with its newline) and its hash. `sender_json` is the sender's host
-    id as a JSON string, `event_json` the event as `encode_event` gives it, `received` an
-    ISO time (no character JSON would escape)."""
-    head = b'{"seq":%d,"prev":"%s","received":"%s","from":%s,"event":%s' % (
-        seq, prev.encode(), received.encode(), sender_json, event_json,
-    )  # fmt: skip
-    digest = hashlib.sha256(head).hexdigest()
-    return b"%s%s%s\"}\n" % (head, _HASH_KEY, digest.encode()), digest
+def record_middle(received: str, sender: str) -> bytes:
+    """The part of a record line between the previous hash and the event, the same for
+    every record of one sender's batch: `received` is an ISO time (nothing JSON escapes)."""
+    sender_json = json.dumps(sender).encode()
+    return b'","received":"%s","from":%s,"event":' % (received.encode(), sender_json)
+
+
+def encode_record(seq: int, prev: bytes, middle: bytes, event_json: bytes) -> tuple[bytes, bytes]:
+    """One record's line (with its newline) and its hash (hex, ASCII). `prev` is the hash of
+    the record before, `middle` from `record_middle`, `event_json` the event as
+    `encode_event` gives it."""
+    head = b'{"seq":%d,"prev":"%s%s%s' % (seq, prev, middle, event_json)
+    digest = hashlib.sha256(head).hexdigest().encode()
+    return head + _HASH_KEY + digest + b'"}\n', digest
 
 
 def line_hash(line: bytes) -> str | None:
@@ -246,7 +250,7 @@ class _Pending:
     """One caller's batch waiting for the group write."""
 
     entries: Sequence[tuple[str, bytes]]  # (event id, the event's `encode_event` JSON)
-    sender_json: bytes  # the sender's host id as a JSON string
+    sender: str
     done: bool = False
     accepted: int = 0
     duplicates: int = 0
@@ -427,8 +431,7 @@ class AuditStore:
     ) -> tuple[int, int]:
         """`append` for events already serialized: `entries` are (event id, the event's
         JSON exactly as `schemas.audit.encode_event` gave it for a validated event)."""
-        sender_json = json.dumps(sender).encode()
-        pending = _Pending(entries, sender_json)
+        pending = _Pending(entries, sender)
         with self._queue_lock:
             self._queue.append(pending)
         with self._write_lock:
@@ -471,39 +474,53 @@ class AuditStore:
         day = now.date()
         received = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
         seen_now: set[str] = set()
-        known = list(self._ids.values())
-        seq, prev = self._seq, self._hash
+        known = [seen_now, *self._ids.values()]
+        seq, prev = self._seq, self._hash.encode()
         lines: list[bytes] = []
         for pending in group:
-            sender_json = pending.sender_json
+            middle = record_middle(received, pending.sender)
             accepted = 0
             for event_id, event_json in pending.entries:
-                if event_id in seen_now or any(event_id in ids for ids in known):
-                    continue
-                seen_now.add(event_id)
-                seq += 1
-                line, prev = encode_record(seq, prev, received, sender_json, event_json)
-                lines.append(line)
-                accepted += 1
+                for ids in known:
+                    if event_id in ids:
+                        break
+                else:
+                    seen_now.add(event_id)
+                    seq += 1
+                    line, prev = encode_record(seq, prev, middle, event_json)
+                    lines.append(line)
+                    accepted += 1
             pending.accepted = accepted
             pending.duplicates = len(pending.entries) - accepted
         if not lines:
             return
         self._write_lines(day, lines)
-        self._seq, self._hash = seq, prev
+        self._seq, self._hash = seq, prev.decode()
         self._last_received = now
         self._ids.setdefault(day, set()).update(seen_now)
         self._forget_old(day)
         try:
-            self._write_head(seq, prev, day_file_name(day))
+            self._write_head(seq, self._hash, day_file_name(day))
         except OSError as exc:
             # The records are on disk and chained: acknowledge them. HEAD only lags (the
             # next batch rewrites it); verify then notes records after HEAD.
             log.error("cannot update %s: %s", self.directory / HEAD_FILE, exc)
 
     def _write_head(self, seq: int, digest: str, file: str) -> None:
-        head = {"seq": seq, "hash": digest, "file": file}
-        write_atomic(self.directory / HEAD_FILE, json.dumps(head).encode(), PRIVATE)
+        """Replace HEAD.json: the new content is synced before the rename, so HEAD is never
+        torn. The directory is not synced (a sync per batch saved): after a crash HEAD may
+        be the one before, which is only behind the records, as after a crash between the
+        records' fsync and this; the store rewrites it from the records at start."""
+        data = json.dumps({"seq": seq, "hash": digest, "file": file}).encode()
+        tmp = self.directory / (HEAD_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write to {tmp}")
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.directory / HEAD_FILE)
 
     def _forget_old(self, today: date) -> None:
         oldest = today - timedelta(days=max(self.dedupe_window.days, 0))

@@ -22,6 +22,7 @@ from control.audit_store import (
     encode_record,
     line_hash,
     prune_log,
+    record_middle,
     search_log,
     verify_log,
 )
@@ -57,9 +58,10 @@ def rewritten(record: dict, *, rehash: bool) -> bytes:
     """`record` (fields possibly edited) as a line in the store's form; with `rehash` its
     hash is computed again, as a forger would, else the old hash is kept."""
     event_json = json.dumps(record["event"], separators=(",", ":"), ensure_ascii=False)
-    line, digest = encode_record(record["seq"], record["prev"], record["received"],
-                                 json.dumps(record["from"]).encode(), event_json.encode())
-    return line if rehash else line.replace(digest.encode(), record["hash"].encode())
+    middle = record_middle(record["received"], record["from"])
+    line, digest = encode_record(record["seq"], record["prev"].encode(), middle,
+                                 event_json.encode())
+    return line if rehash else line.replace(digest, record["hash"].encode())
 
 
 def three_days(directory: Path) -> tuple[list[Path], Clock]:
