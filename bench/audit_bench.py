@@ -1,6 +1,8 @@
 """The cost of audit on the data path: `pgbench -S -c 8 -j 2`, audit on vs off, one run.
 
     python -m bench.audit_bench [--seconds 15] [--rounds 3] [--clients 8] [--scale 10]
+                                [--baseline DIR]
+    python -m bench.audit_bench --micro
 
 The product has no switch to turn audit off, on purpose: every session through a db agent
 is recorded and shipped to the control plane. So "off" is measured with the data-path test
@@ -19,6 +21,19 @@ the audit sink chosen by its config. Four targets share one PostgreSQL (TLS, cer
                         through the agent's disk spool to the control plane, which dedupes,
                         hash-chains and fsyncs them to the day file.
 
+With `--baseline DIR` (the top directory of another checkout of the product, e.g. made with
+`git worktree add /tmp/base <commit>`), a fifth target, "product, baseline", is a second
+product cluster whose processes run that checkout's code (`PYTHONPATH=DIR`): a change to the
+product is measured against what it replaces in the same run, TPS and CPU per transaction
+of each process side by side.
+
+`--micro` measures the audit pipeline's own pieces in this process instead, with no
+PostgreSQL and no network: CPU per event of the control plane's `AuditStore.append_body`
+(validate the body, serialize each event, chain, write, fsync; 320-event batches as agents
+send them), of `verify_log` per record, and of the agent's `AuditShipper` from `emit` to the
+request body (both forms of `send`; the HTTP client's serialization of an `AuditBatch` is
+counted for the model form, the network for neither).
+
 Rounds are interleaved (each round runs every target, the order rotated), and the table
 shows each target's median TPS, its ratio to direct-TLS and to "harness, audit off". The
 audit overhead is the drop from "harness, audit off" to "harness, audit count" (recording)
@@ -33,6 +48,7 @@ targets within one run only.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import os
 import re
@@ -49,8 +65,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.dataplane_bench import Target
+from control.audit_store import AuditStore, verify_log
 from control.ca import certificate_pem
+from dataplane.audit import AuditShipper, Send, SendJson
 from launcher.embedded_postgres import ServerTLS
+from schemas.api import AuditAck, AuditBatch
+from schemas.audit import AuditEvent
+from tests.audit.conftest import numbered_events
 from tests.dataplane.bench_paths import start_node
 from tests.dataplane.support import Pki, conninfo_for, make_bundle, role, sign, write_private
 from tests.e2e.cluster import E2ECluster, base_env, run
@@ -59,6 +80,8 @@ from transport.tls import new_private_key, private_key_pem
 
 ORDER = ["direct-TLS", "harness, audit off", "harness, audit count", "product, audit on"]
 OFF = "harness, audit off"
+PRODUCT = "product, audit on"
+BASELINE = "product, baseline"
 
 
 class Setup:
@@ -67,6 +90,7 @@ class Setup:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.cluster: E2ECluster | None = None
+        self.baseline: E2ECluster | None = None
         self.nodes: list[subprocess.Popen[str]] = []
         self.targets: dict[str, Target] = {}
         self.pids: dict[str, dict[str, int | None]] = {}  # target -> process name -> pid
@@ -144,11 +168,30 @@ class Setup:
         for target in self.targets.values():  # every path answers before measuring
             _wait_ready(target)
 
-    def stored_events(self) -> int:
-        assert self.cluster is not None
-        return sum(
-            path.read_bytes().count(b"\n") for path in self.cluster.audit_dir.glob("*.jsonl")
-        )
+    def start_baseline(self, checkout: Path, scale: int) -> None:
+        """A second product cluster running the code of `checkout`: its processes inherit
+        PYTHONPATH from our environment while they are started."""
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = str(checkout)
+        try:
+            self.baseline = cluster = E2ECluster.create(self.root / "baseline")
+            alice = cluster.add_person("alice", ["alice"], ["bench"])
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
+        print(f"pgbench -i -s {scale} (baseline, through its proxy) ...", flush=True)
+        run(["pgbench", "-i", "-s", str(scale), "-q", alice.dsn("bench")], alice.env, timeout=900)
+        target = Target(BASELINE, alice.dsn("bench"), alice.env)
+        _wait_ready(target)
+        self.targets[BASELINE] = target
+        self.pids[BASELINE] = {s.name: s.pid for s in cluster.services()}
+
+    def stored_events(self, cluster: E2ECluster | None = None) -> int:
+        cluster = cluster or self.cluster
+        assert cluster is not None
+        return sum(path.read_bytes().count(b"\n") for path in cluster.audit_dir.glob("*.jsonl"))
 
     def cpu(self, target: str) -> dict[str, float]:
         """CPU seconds so far of the processes serving `target` (none for direct-TLS)."""
@@ -163,8 +206,9 @@ class Setup:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if self.cluster is not None:
-            self.cluster.close()
+        for cluster in (self.cluster, self.baseline):
+            if cluster is not None:
+                cluster.close()
 
 
 def _wait_ready(target: Target, timeout: float = 30) -> None:
@@ -219,25 +263,90 @@ def settled(count: Callable[[], int], timeout: float = 60) -> int:
     return last
 
 
+def micro(batches: int = 40, per_batch: int = 320) -> None:
+    """Per-event CPU of the pipeline's pieces (see `--micro` in the module docstring)."""
+    events = numbered_events(batches * per_batch)
+    groups = [events[i * per_batch : (i + 1) * per_batch] for i in range(batches)]
+    bodies = [AuditBatch(events=group).model_dump_json().encode() for group in groups]
+    with tempfile.TemporaryDirectory(prefix="bench-audit-micro-") as tmp:
+        cpu = []
+        with AuditStore(Path(tmp) / "audit") as store:
+            for body in bodies:
+                started = time.process_time()
+                store.append_body(body, "agent-1")
+                cpu.append(time.process_time() - started)
+        print(f"control plane, AuditStore.append_body: {_us(statistics.median(cpu), per_batch)}"
+              f" us/event ({per_batch}-event batches, fsync included)")
+        started = time.process_time()
+        report = verify_log(Path(tmp) / "audit")
+        print(f"verify_log: {_us(time.process_time() - started, report.records)} us/record "
+              f"({report.records} records, {'intact' if report.ok else 'NOT intact'})")
+        for form in ("json", "model"):
+            costs = [asyncio.run(_ship(Path(tmp) / f"spool-{form}-{i}", events, per_batch, form))
+                     for i in range(3)]
+            print(f"agent, AuditShipper ({form} send): {statistics.median(costs):.1f} us/event "
+                  "(emit to request body, no network)")
+
+
+async def _ship(spool: Path, events: list[AuditEvent], per_batch: int, form: str) -> float:
+    async def model_send(batch: AuditBatch) -> AuditAck:
+        batch.model_dump_json(by_alias=True).encode()  # what the HTTP client does with it
+        return AuditAck(accepted=len(batch.events))
+
+    async def post(body: bytes) -> AuditAck:
+        return AuditAck(accepted=body.count(b'"id":'))
+
+    send: Send | SendJson = SendJson(post) if form == "json" else model_send
+    shipper = AuditShipper(send, spool, batch_events=per_batch, batch_bytes=1 << 30,
+                           max_memory_events=len(events) + 1, interval=0.0)
+    await shipper.start()
+    started = time.process_time()
+    for event in events:
+        shipper.emit(event)
+    if not await shipper.flush(120):
+        raise RuntimeError("the shipper did not deliver every event")
+    used = time.process_time() - started
+    await shipper.close()
+    return used / len(events) * 1e6
+
+
+def _us(seconds: float, count: int) -> str:
+    return f"{seconds / count * 1e6:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=15, help="per pgbench run (15)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     parser.add_argument("--clients", type=int, default=8, help="pgbench -c (8)")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i -s (10)")
+    parser.add_argument("--baseline", metavar="DIR", type=Path,
+                        help="another checkout of the product, run as a second product cluster")
+    parser.add_argument("--micro", action="store_true",
+                        help="only the pipeline's pieces in this process (no PostgreSQL)")
     args = parser.parse_args()
+    if args.micro:
+        micro()
+        return
+    order = ORDER + ([BASELINE] if args.baseline else [])
+    if args.baseline and not (args.baseline / "control" / "audit_store.py").is_file():
+        parser.error(f"--baseline {args.baseline}: not the top directory of a checkout of "
+                     "the product (no control/audit_store.py there)")
 
     root = Path(tempfile.mkdtemp(prefix="bench-audit-"))
     print(f"working in {root}", flush=True)
     setup = Setup(root)
-    results: dict[str, list[float]] = {name: [] for name in ORDER}
+    results: dict[str, list[float]] = {name: [] for name in order}
     done: dict[str, int] = {}
     cpu: dict[str, dict[str, float]] = {}
     try:
         setup.start(args.scale)
+        if args.baseline:
+            setup.start_baseline(args.baseline.resolve(), args.scale)
         before = setup.stored_events()
+        before_baseline = setup.stored_events(setup.baseline) if setup.baseline else 0
         for rnd in range(args.rounds):
-            rotated = ORDER[rnd % len(ORDER) :] + ORDER[: rnd % len(ORDER)]
+            rotated = order[rnd % len(order) :] + order[: rnd % len(order)]
             for name in rotated:
                 before_cpu = setup.cpu(name)
                 tps, processed = pgbench(setup.targets[name], args.seconds, args.clients)
@@ -248,6 +357,10 @@ def main() -> None:
                     used[process] = used.get(process, 0.0) + seconds - before_cpu[process]
                 print(f"  round {rnd + 1}  {name:<22} {tps:>9.0f} TPS", flush=True)
         stored = settled(setup.stored_events) - before
+        stored_baseline = (
+            settled(lambda: setup.stored_events(setup.baseline)) - before_baseline
+            if setup.baseline else 0
+        )  # fmt: skip
     finally:
         setup.stop()
 
@@ -257,7 +370,7 @@ def main() -> None:
         f"{args.rounds} interleaved rounds"
     )
     print(f"{'target':<24}{'TPS':>10}{'vs direct':>12}{'vs audit off':>14}   runs")
-    for name in ORDER:
+    for name in order:
         value = medians[name]
         runs = ", ".join(f"{v:.0f}" for v in results[name])
         print(
@@ -274,16 +387,29 @@ def main() -> None:
     sessions = args.rounds * (args.clients + 1)  # pgbench opens one more to check tables
     print(
         f"control plane log: {stored} records stored while the product ran "
-        f"{done['product, audit on']} "
+        f"{done[PRODUCT]} "
         f"transactions (one query event each) in {sessions} sessions (a start and an end "
         f"event each, and pgbench's few queries when it checks the tables)"
     )
+    if args.baseline:
+        print(f"baseline's log: {stored_baseline} records stored while it ran "
+              f"{done[BASELINE]} transactions")
     print("\nCPU per transaction of the processes on the path (microseconds):")
-    for name in ORDER[1:]:
+    for name in order[1:]:
         shown = ", ".join(
             f"{process} {seconds / done[name] * 1e6:.0f}" for process, seconds in cpu[name].items()
         )
         print(f"  {name:<22} {shown}")
+    if args.baseline:
+        per = {name: {p: s / done[name] * 1e6 for p, s in cpu[name].items()}
+               for name in (PRODUCT, BASELINE)}
+        changes = ", ".join(
+            f"{process} {per[BASELINE][process]:.0f} -> {per[PRODUCT][process]:.0f}"
+            for process in per[PRODUCT] if process in per[BASELINE]
+        )
+        print(f"\nthis checkout against the baseline ({args.baseline}): "
+              f"{medians[PRODUCT] / medians[BASELINE]:.2f}x TPS; CPU per transaction (us) "
+              f"{changes}")
     shutil.rmtree(root, ignore_errors=True)
 
 
