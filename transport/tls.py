@@ -6,6 +6,10 @@ compression, no renegotiation, certificates always verified (clients always veri
 server against the CA files they are given; `check_hostname` is on unless the caller asks
 for verify-ca).
 
+`resuming_client_context` builds a client context that offers a TLS session of an earlier
+connection on every new one (`ResumingClientContext.session`), for asyncio and uvloop
+transports alike: a resumed handshake skips the certificate signatures and chain checks.
+
 Certificates and keys are given as PEM `bytes` (content) or as a `str`/`os.PathLike` (a file
 path). The ssl module loads keys only from files, so PEM content is written to a fresh 0700
 temporary directory as 0600 files, loaded, and deleted before the builder returns.
@@ -26,7 +30,7 @@ import shutil
 import ssl
 import tempfile
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 CertSource = bytes | str | os.PathLike[str]
 ClientAuth = Literal["none", "optional", "required"]
+_Context = TypeVar("_Context", bound=ssl.SSLContext)
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 # TLS 1.2 suites: ECDHE key exchange (forward secrecy) with AES-GCM or ChaCha20-Poly1305.
@@ -114,6 +119,47 @@ def server_context(
     return ctx
 
 
+class ResumingClientContext(ssl.SSLContext):
+    """A client context that offers `session` (a TLS session from an earlier connection to
+    the same server, `SSLObject.session`) on every connection it makes, for asyncio and
+    uvloop too (they call `wrap_bio` without a session).
+
+    Resuming (TLS 1.3 tickets: PSK with a fresh ECDHE, so still forward-secret) skips the
+    certificate signatures and chain verifications of a full handshake. Both identities
+    stay bound to the session; the caller still checks the peer's certificate on every
+    connection, and drops the context (and its session) when the credentials or the
+    trusted CAs change. Set `session = None` to force a full handshake.
+    """
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(  # type: ignore[override]
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return super().wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session or self.session
+        )
+
+    def wrap_socket(  # type: ignore[override]
+        self,
+        sock: Any,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
+            server_hostname, session or self.session,
+        )  # fmt: skip
+
+
 def client_context(
     cas: Sequence[CertSource],
     cert: CertSource | None = None,
@@ -123,11 +169,32 @@ def client_context(
 ) -> ssl.SSLContext:
     """A client context that verifies the server against `cas` (and its host name unless
     `check_hostname` is False: verify-ca), presenting `cert`/`key` when given."""
+    return _client_context(ssl.SSLContext, cas, cert, key, check_hostname)
+
+
+def resuming_client_context(
+    cas: Sequence[CertSource],
+    cert: CertSource | None = None,
+    key: CertSource | None = None,
+    *,
+    check_hostname: bool = True,
+) -> ResumingClientContext:
+    """`client_context`, able to resume a TLS session (`ResumingClientContext`)."""
+    return _client_context(ResumingClientContext, cas, cert, key, check_hostname)
+
+
+def _client_context(
+    cls: type[_Context],
+    cas: Sequence[CertSource],
+    cert: CertSource | None,
+    key: CertSource | None,
+    check_hostname: bool,
+) -> _Context:
     if not cas:
         raise ValueError("a client context needs the CA certificates that sign the server")
     if (cert is None) != (key is None):
         raise ValueError("give both cert and key, or neither")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = cls(ssl.PROTOCOL_TLS_CLIENT)
     _harden(ctx)
     _load_cas(ctx, cas)
     ctx.check_hostname = check_hostname

@@ -11,8 +11,9 @@ again whenever the control plane's list changes). A link:
 - hands each `SessionStart` / `CancelStart` to the `SessionHandler` (the agent);
 - reconnects with exponential backoff and jitter, capped at `BACKOFF_CAP` so that a
   restarted proxy sees every agent back within 10 s;
-- resumes the TLS session of its earlier connections to that proxy (`ResumingContext`):
-  a data connection then costs about 60% of a full handshake.
+- resumes the TLS session of its earlier connections to that proxy
+  (`transport.tls.ResumingClientContext`): a data connection then costs about 60% of a
+  full handshake.
 
 Never: talk to a proxy whose certificate was not verified (chain, host name, role,
 cluster), retry in a tight loop, or keep idle connections to a proxy whose control
@@ -49,12 +50,12 @@ from dataplane.tunnel.hosts import (
     BundleSourceLike,
     IdentityCache,
     PeerRejected,
-    ResumingContext,
     TlsContexts,
     host_cas,
     verify_host_peer,
 )
 from dataplane.tunnel.server import read_frame
+from transport.tls import ResumingClientContext
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class ProxyLink:
         self.backoff_cap = backoff_cap
         self.connected = asyncio.Event()
         self.identities = IdentityCache()
-        self._ctx: ResumingContext | None = None
+        self._ctx: ResumingClientContext | None = None
         self._ctx_key: tuple[object, ...] | None = None
         self._last_tls: ssl.SSLObject | None = None
         self._session_until = 0.0
@@ -167,7 +168,7 @@ class ProxyLink:
 
     # -- connecting --------------------------------------------------------------------------
 
-    def _context(self) -> ResumingContext:
+    def _context(self) -> ResumingClientContext:
         """This link's client context, offering the TLS session of an earlier connection."""
         bundle = self.bundles.current
         key = self.contexts.tunnel_client_key(bundle)

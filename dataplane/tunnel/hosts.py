@@ -42,7 +42,7 @@ from schemas.identity import (
     load_certificates,
     verify_identity,
 )
-from transport.tls import client_context, server_context
+from transport.tls import ResumingClientContext, resuming_client_context, server_context
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME. The PostgreSQL-facing TLS layer lets an expired
 # client certificate through the handshake so that the proxy can answer with a postgres
@@ -201,31 +201,6 @@ def verify_host_peer(
     return identity
 
 
-class ResumingContext(ssl.SSLContext):
-    """A client context that resumes its last TLS session (set `session`).
-
-    Every tunnel data connection of an agent goes to the same proxy: resuming the TLS
-    session (TLS 1.3 tickets, PSK with a fresh ECDHE) skips both certificate signatures and
-    chain verifications, about 40% of a full handshake's CPU on each side. Both identities
-    stay bound to the session; a context (and so its session) is dropped when credentials
-    or trusted CAs change, and the peer's certificate is still checked on every connection.
-    """
-
-    session: ssl.SSLSession | None = None
-
-    def wrap_bio(  # type: ignore[override]
-        self,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = False,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLObject:
-        return super().wrap_bio(
-            incoming, outgoing, server_side, server_hostname, session or self.session
-        )
-
-
 class TlsContexts:
     """The SSL contexts of the data path, rebuilt only when what they are built from changes.
 
@@ -263,23 +238,24 @@ class TlsContexts:
         """The proxy's side of the tunnel: present the host certificate, require one."""
         creds = self._credentials
         cas = host_cas(creds, bundle)
-        return self._get(
-            "tunnel-server",
-            (id(creds), tuple(cas)),
-            lambda: server_context(creds.cert_pem, creds.key_pem, cas, "required"),
-        )
+        def build() -> ssl.SSLContext:
+            ctx = server_context(creds.cert_pem, creds.key_pem, cas, "required")
+            # An agent resumes with the ticket of one connection for minutes (tunnel
+            # client's SESSION_REFRESH): one ticket per connection, not OpenSSL's two.
+            ctx.num_tickets = 1
+            return ctx
 
-    def tunnel_client(self, bundle: Bundle | None) -> ResumingContext:
+        return self._get("tunnel-server", (id(creds), tuple(cas)), build)
+
+    def tunnel_client(self, bundle: Bundle | None) -> ResumingClientContext:
         """The agent's side of the tunnel: verify the proxy (host name too), present ours.
 
         A new context per call (one per proxy link: each keeps the TLS session of its own
-        proxy); the caller keeps it while `tunnel_client_key` stays the same."""
+        proxy, `ResumingClientContext.session`); the caller keeps it while
+        `tunnel_client_key` stays the same."""
         creds = self._credentials
         cas = host_cas(creds, bundle)
-        ctx = client_context(cas, creds.cert_pem, creds.key_pem)
-        # transport.tls builds plain SSLContexts; this subclass only adds session reuse.
-        ctx.__class__ = ResumingContext
-        return ctx  # type: ignore[return-value]
+        return resuming_client_context(cas, creds.cert_pem, creds.key_pem)
 
     def tunnel_client_key(self, bundle: Bundle | None) -> tuple[object, ...]:
         """Changes when `tunnel_client` would build a different context."""
@@ -303,6 +279,28 @@ class TlsContexts:
         def build() -> ssl.SSLContext:
             ctx = server_context(creds.cert_pem, creds.key_pem, list(user_cas), "optional")
             ctx.verify_flags = ssl.VerifyFlags(int(ctx.verify_flags) | _NO_CHECK_TIME)
+            _no_tickets(ctx)
             return ctx
 
         return self._get("postgres-server", (id(creds), user_cas), build)
+
+    def postgres_server_without_bundle(self) -> ssl.SSLContext:
+        """The proxy's PostgreSQL side before the first bundle: TLS with the host
+        certificate, no client certificate asked for (there is no user CA to verify one
+        against). Only for telling the client, inside TLS where libpq shows it, that the
+        proxy cannot serve it yet: nothing is relayed on such a connection."""
+        creds = self._credentials
+
+        def build() -> ssl.SSLContext:
+            ctx = server_context(creds.cert_pem, creds.key_pem)
+            _no_tickets(ctx)
+            return ctx
+
+        return self._get("postgres-server-without-bundle", id(creds), build)
+
+
+def _no_tickets(ctx: ssl.SSLContext) -> None:
+    """libpq never resumes a TLS session: issuing tickets (two per connection in TLS 1.3)
+    would be work for nothing. PostgreSQL turns them off too."""
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
