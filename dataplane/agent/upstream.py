@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -38,9 +37,9 @@ from dataplane.aws import AwsAuthError, explain_upstream_auth_failure, preflight
 from dataplane.postgres import (
     BACKEND,
     ClientAuthenticator,
+    MessageDecoder,
     PasswordRequired,
     ProtocolError,
-    decode_body,
     encode,
     fatal,
 )
@@ -59,7 +58,6 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 CANCEL_TIMEOUT = 5.0
 MAX_LOGIN_MESSAGE = 1024 * 1024
-_HEADER = struct.Struct("!ci")
 _CACHE_LIMIT = 256
 
 
@@ -101,36 +99,6 @@ class Upstream:
     status: str = "I"
     pending: bytes = b""
     method: str = ""
-
-
-class _LoginReader:
-    """Typed server messages during the login, with an exact account of what is left."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self.buf += data
-
-    def next(self) -> m.BackendMessage | None:
-        buf = self.buf
-        if len(buf) < 5:
-            return None
-        code, length = _HEADER.unpack_from(buf, 0)
-        if length < 4 or length > MAX_LOGIN_MESSAGE:
-            raise ProtocolError(
-                f"the server sent a {code!r} message of {length} bytes during the login"
-            )
-        if len(buf) < 1 + length:
-            return None
-        payload = bytes(buf[5 : 1 + length])
-        del buf[: 1 + length]
-        return decode_body(BACKEND, code, payload)  # type: ignore[return-value]
-
-    def rest(self) -> bytes:
-        data = bytes(self.buf)
-        self.buf.clear()
-        return data
 
 
 def _explained(spec: BundleDatabase, db_user: str, error: m.ErrorResponse) -> m.ErrorResponse:
@@ -292,12 +260,12 @@ class UpstreamConnector:
             startup = {"user": db_user, "database": db_name, **parameters}
             inbox.write(encode(m.StartupMessage(startup)))
             auth = ClientAuthenticator(db_user, None)
-            reader = _LoginReader()
+            reader = MessageDecoder(BACKEND, max_message_size=MAX_LOGIN_MESSAGE)
             up = Upstream(transport, inbox, None)
             while True:
-                message = reader.next()
+                message = reader.next_message()
                 if message is None:
-                    reader.feed(await inbox.receive())
+                    reader.receive_data(await inbox.receive())
                     continue
                 if not auth.done:
                     try:
@@ -317,7 +285,7 @@ class UpstreamConnector:
                     up.server_key = message
                 elif isinstance(message, m.ReadyForQuery):
                     up.status = message.status
-                    up.pending = reader.rest() + inbox.take()
+                    up.pending = reader.take_unprocessed() + inbox.take()
                     up.method = auth.method or ""
                     return up
                 elif isinstance(message, m.NegotiateProtocolVersion):

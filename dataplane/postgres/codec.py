@@ -3,12 +3,15 @@
 Public face:
 - `encode(message) -> bytes` for every message class in `messages.py`.
 - `StartupDecoder`: the untyped first packet(s) of a connection (SSLRequest, GSSENCRequest,
-  CancelRequest, StartupMessage).
+  CancelRequest, StartupMessage). A StartupMessage may ask for protocol 3.x with x > 0
+  and carry `_pq_.` options; the caller answers NegotiateProtocolVersion (3.0) as
+  PostgreSQL does. Any other major version is `UnsupportedProtocolVersion`.
 - `MessageDecoder(side)`: typed messages sent by `side` (FRONTEND: a client's messages, as a
   server reads them; BACKEND: a server's messages, as a client reads them).
   `receive_data(data)` then `next_message()` until it returns None; `receive_eof()` says
   the peer closed the connection (an empty `receive_data(b"")` is a no-op, so handing over
-  an empty `take_unprocessed()` cannot end a stream by accident).
+  an empty `take_unprocessed()` cannot end a stream by accident); `take_unprocessed()`
+  hands the bytes after the last message to whoever goes on without the decoder.
 - `decode_body(side, type_code, payload)`: one message from its type byte and payload, for
   callers that found the boundaries themselves (the relay's `MessageScanner`).
 
@@ -122,7 +125,11 @@ def _copy_response(msg: m.CopyInResponse | m.CopyOutResponse | m.CopyBothRespons
 
 
 def _startup(msg: m.StartupMessage) -> bytes:
-    parts = [_i32(m.PROTOCOL_3_0)]
+    if not 0 <= msg.minor_version <= 0xFFFF:
+        raise LocalProtocolError(
+            f"StartupMessage minor version must be 0..65535, not {msg.minor_version}"
+        )
+    parts = [_i32(m.PROTOCOL_3_0 | msg.minor_version)]
     for name, value in msg.parameters.items():
         if not name:
             raise LocalProtocolError("StartupMessage parameter names must not be empty")
@@ -689,6 +696,13 @@ class MessageDecoder:
         """The peer closed the connection: a message cut short is now an error."""
         self._eof = True
 
+    def take_unprocessed(self) -> bytes:
+        """The bytes received after the last message returned, and forget them: for a
+        caller that stops decoding here and relays the rest (after a login, say)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def next_message(self) -> m.FrontendMessage | m.BackendMessage | None:
         """The next complete message, or None when more data is needed (or the stream ended)."""
         if self._error is not None:
@@ -847,8 +861,10 @@ class StartupDecoder:
             reader.end()
             self._finished = True
             return packet
-        if code != m.PROTOCOL_3_0:
+        if code >> 16 != 3:
             raise UnsupportedProtocolVersion(code >> 16, code & 0xFFFF)
+        # 3.x for any x: the server answers NegotiateProtocolVersion with the newest minor
+        # it speaks (0) and goes on with that, as PostgreSQL does.
         reader.name = "StartupMessage"
         parameters: dict[str, str] = {}
         while True:
@@ -860,4 +876,4 @@ class StartupDecoder:
             parameters[name] = reader.cstr(f"value of parameter {name!r}")
         reader.end()
         self._finished = True
-        return m.StartupMessage(parameters)
+        return m.StartupMessage(parameters, code & 0xFFFF)

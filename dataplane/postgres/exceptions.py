@@ -39,7 +39,8 @@ class MessageTooLarge(RemoteProtocolError):
 
 
 class UnsupportedProtocolVersion(RemoteProtocolError):
-    """A startup packet asked for a protocol version other than 3.0."""
+    """A startup packet asked for a protocol other than 3.x (3.x with x > 0 is negotiated
+    down to 3.0, as PostgreSQL does)."""
 
     sqlstate = FEATURE_NOT_SUPPORTED  # what PostgreSQL answers
 
@@ -48,7 +49,7 @@ class UnsupportedProtocolVersion(RemoteProtocolError):
         self.minor = minor
         super().__init__(
             f"unsupported frontend protocol {major}.{minor}: this server supports 3.0 only; "
-            "use a client built with libpq 7.4 or newer and do not request another version"
+            "use a client built with libpq 7.4 or newer"
         )
 
 

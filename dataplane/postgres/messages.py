@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 PROTOCOL_3_0 = 196608  # (3 << 16) | 0
+PROTOCOL_OPTION_PREFIX = "_pq_."
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
@@ -36,10 +37,18 @@ BINARY = 1
 
 @dataclass(frozen=True, slots=True)
 class StartupMessage:
-    """The first packet of a session: protocol 3.0 and parameters such as user, database."""
+    """The first packet of a session: protocol 3.`minor_version` (0 unless a newer client
+    asks for more, e.g. libpq 18 with `max_protocol_version=3.2`) and parameters such as
+    user, database, and protocol options (`_pq_.name`)."""
 
     type_code: ClassVar[bytes | None] = None
     parameters: Mapping[str, str] = field(default_factory=dict)
+    minor_version: int = 0
+
+    @property
+    def protocol_options(self) -> tuple[str, ...]:
+        """The `_pq_.` protocol options asked for (none is known to protocol 3.0)."""
+        return tuple(name for name in self.parameters if name.startswith(PROTOCOL_OPTION_PREFIX))
 
     @property
     def user(self) -> str | None:

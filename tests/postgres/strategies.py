@@ -37,7 +37,11 @@ kind = st.sampled_from(["S", "P"])
 error_fields = st.dictionaries(st.characters(min_codepoint=1, max_codepoint=255), text, max_size=6)
 
 STARTUP = {
-    m.StartupMessage: st.builds(m.StartupMessage, st.dictionaries(nonempty_text, text, max_size=5)),
+    m.StartupMessage: st.builds(
+        m.StartupMessage,
+        st.dictionaries(nonempty_text, text, max_size=5),
+        st.sampled_from([0, 0, 1, 2, 0xFFFF]),
+    ),
     m.SSLRequest: st.builds(m.SSLRequest),
     m.GSSENCRequest: st.builds(m.GSSENCRequest),
     m.CancelRequest: st.builds(m.CancelRequest, uint32, uint32),

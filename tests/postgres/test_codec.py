@@ -386,7 +386,7 @@ def test_startup_message_parameters_and_defaults() -> None:
     )
 
 
-@pytest.mark.parametrize(("major", "minor"), [(2, 0), (3, 1), (4, 0)])
+@pytest.mark.parametrize(("major", "minor"), [(2, 0), (1, 0), (4, 0), (7, 1)])
 def test_other_protocol_versions_get_a_clear_error(major: int, minor: int) -> None:
     wire = struct.pack("!ii", 9, (major << 16) | minor) + b"\0"
     with pytest.raises(UnsupportedProtocolVersion) as caught:
@@ -395,6 +395,55 @@ def test_other_protocol_versions_get_a_clear_error(major: int, minor: int) -> No
         caught.value
     )
     assert caught.value.sqlstate == "0A000"
+
+
+@pytest.mark.parametrize("minor", [1, 2, 0xFFFF])
+def test_newer_minor_versions_of_protocol_3_are_read_for_negotiation(minor: int) -> None:
+    # libpq 18 asks for 3.2 (max_protocol_version); the server answers
+    # NegotiateProtocolVersion and both go on with 3.0.
+    wire = encode(m.StartupMessage({"user": "alice", "_pq_.test_option": "on"}, minor))
+    assert wire[4:8] == struct.pack("!i", (3 << 16) | minor)
+    msg = startup(wire)
+    assert isinstance(msg, m.StartupMessage)
+    assert msg.minor_version == minor
+    assert msg.protocol_options == ("_pq_.test_option",)
+    assert msg.parameters == {"user": "alice", "_pq_.test_option": "on"}
+
+
+def test_a_3_0_startup_has_no_protocol_options() -> None:
+    msg = startup(encode(m.StartupMessage({"user": "alice", "options": "-c x=1"})))
+    assert isinstance(msg, m.StartupMessage)
+    assert (msg.minor_version, msg.protocol_options) == (0, ())
+
+
+def test_negotiate_protocol_version_round_trip() -> None:
+    wire = encode(m.NegotiateProtocolVersion(0, ("_pq_.a", "_pq_.b")))
+    assert wire[:1] == b"v"
+    decoder = MessageDecoder(BACKEND)
+    decoder.receive_data(wire)
+    assert decoder.next_message() == m.NegotiateProtocolVersion(0, ("_pq_.a", "_pq_.b"))
+
+
+@pytest.mark.parametrize("minor", [-1, 0x10000])
+def test_a_startup_minor_version_out_of_range_is_our_bug(minor: int) -> None:
+    with pytest.raises(LocalProtocolError, match=r"minor version must be 0\.\.65535"):
+        encode(m.StartupMessage({"user": "a"}, minor))
+
+
+def test_message_decoder_hands_over_what_follows_the_last_message() -> None:
+    # The agent's upstream login reads typed messages up to ReadyForQuery and relays the
+    # rest raw: nothing after it may be lost or decoded.
+    ready = encode(m.ReadyForQuery("I"))
+    after = encode(m.NoticeResponse({"S": "NOTICE", "M": "x"})) + b"D\x00\x00"  # cut short
+    decoder = MessageDecoder(BACKEND)
+    decoder.receive_data(encode(m.ParameterStatus("a", "b")) + ready + after)
+    assert decoder.next_message() == m.ParameterStatus("a", "b")
+    assert decoder.next_message() == m.ReadyForQuery("I")
+    assert decoder.buffered == len(after)
+    assert decoder.take_unprocessed() == after
+    assert decoder.buffered == 0
+    assert decoder.take_unprocessed() == b""
+    assert decoder.next_message() is None
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,8 @@ def test_any_payload_under_a_valid_backend_header_decodes_or_fails_cleanly(
 @FUZZ
 @given(
     st.sampled_from(
-        [m.PROTOCOL_3_0, m.SSL_REQUEST_CODE, m.GSSENC_REQUEST_CODE, m.CANCEL_REQUEST_CODE]
+        [m.PROTOCOL_3_0, m.PROTOCOL_3_0 | 2, m.SSL_REQUEST_CODE, m.GSSENC_REQUEST_CODE,
+         m.CANCEL_REQUEST_CODE]
     ),
     st.binary(max_size=80),
     st.binary(max_size=40),
