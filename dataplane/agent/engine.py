@@ -16,8 +16,10 @@ tunnel, or in-process in the all-in-one):
 
 `recheck(bundle)` re-decides every live session against a newly activated bundle and
 terminates those no longer allowed; with `disconnect_expired_cert` a session also ends
-when its certificate expires. `cancel(pid, secret)` cancels the running query of the
-session with that client key on the real server, with the server's own key.
+when its certificate expires; with the proxy's `client_idle_timeout` (in SessionStart) a
+session whose client sent nothing for that long ends (FATAL 57P05, audited).
+`cancel(pid, secret)` cancels the running query of the session with that client key on
+the real server, with the server's own key.
 
 Never: relay a byte before the decision allowed the session, take a decision with
 anything but `schemas.rbac.decide`, or tell a client with a wrong cancel key anything.
@@ -27,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dataplane.agent.audit import (
@@ -44,12 +47,17 @@ from dataplane.agent.sessions import Session, SessionRegistry
 from dataplane.agent.upstream import UpstreamConnector, UpstreamError
 from dataplane.postgres import MessageScanner, encode, fatal
 from dataplane.postgres import messages as m
-from dataplane.postgres.errors import ADMIN_SHUTDOWN, INVALID_AUTHORIZATION_SPECIFICATION
+from dataplane.postgres.errors import (
+    ADMIN_SHUTDOWN,
+    IDLE_SESSION_TIMEOUT,
+    INVALID_AUTHORIZATION_SPECIFICATION,
+)
 from dataplane.relay import Inbox, Relay
 from dataplane.tunnel.frames import FrameError, SessionStart
 from dataplane.tunnel.hosts import BundleSourceLike, IdentityCache
 from dataplane.tunnel.routing import TargetRefused, resolve_target, upstream_parameters
 from schemas.bundle import Bundle
+from schemas.durations import format_duration
 from schemas.identity import (
     Identity,
     IdentityError,
@@ -274,6 +282,11 @@ class PostgresEngine:
         self._ended.clear()
         if bundle.cluster.disconnect_expired_cert:
             self._schedule_expiry(session)
+        if start.idle_timeout is not None:
+            session.idle_timeout = start.idle_timeout
+            session.idle_timer = asyncio.get_running_loop().call_later(
+                start.idle_timeout, self._idle_check, session
+            )
         relay.start(
             client.take_pending(),
             upstream.pending,
@@ -297,6 +310,8 @@ class PostgresEngine:
         self.registry.remove(session)
         if session.expiry_timer is not None:
             session.expiry_timer.cancel()
+        if session.idle_timer is not None:
+            session.idle_timer.cancel()
         if session.recorder is not None:
             recorder = session.recorder
             end_reason = session.ending or reason or "client disconnected"
@@ -352,6 +367,28 @@ class PostgresEngine:
             "expired certificates",
             INVALID_AUTHORIZATION_SPECIFICATION,
             "run `tsh db login` again and reconnect",
+        )
+
+    def _idle_check(self, session: Session) -> None:
+        """The idle timer: end the session if the client sent nothing for idle_timeout,
+        else look again when it would have (the relay only notes the time per chunk)."""
+        timeout = session.idle_timeout
+        session.idle_timer = None
+        if timeout is None or session.ending or session.relay.closed:
+            return
+        idle = time.monotonic() - session.relay.last_from_client
+        if idle < timeout:
+            session.idle_timer = asyncio.get_running_loop().call_later(
+                timeout - idle, self._idle_check, session
+            )
+            return
+        self.terminate(
+            session,
+            f"terminating connection due to idle-session timeout: the client sent nothing "
+            f"for {format_duration(timedelta(seconds=timeout))} (client_idle_timeout)",
+            IDLE_SESSION_TIMEOUT,
+            "reconnect to go on; ask the cluster admin to raise client_idle_timeout if "
+            "sessions must stay idle longer",
         )
 
     def recheck(self, bundle: Bundle) -> int:

@@ -47,6 +47,8 @@ class Session:
     recorder: SessionRecorder | None
     started: float  # loop time
     expiry_timer: asyncio.TimerHandle | None = None
+    idle_timeout: float | None = None  # seconds without a byte from the client; None: never
+    idle_timer: asyncio.TimerHandle | None = None
     ending: str = ""  # why we are terminating it, once we are
     on_end: list[Callable[[Session], None]] = field(default_factory=list)
 

@@ -1,4 +1,5 @@
-"""The proxy: the web port's listener, the PostgreSQL frontend, cancel keys, the service.
+"""The proxy: the web port's listener, the PostgreSQL frontend and its client TLS, cancel
+keys, the service.
 
 Public face: `ProxyService` (see `dataplane.proxy.service`).
 """

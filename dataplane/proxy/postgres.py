@@ -3,9 +3,15 @@
 For a connection the listener classified as PostgreSQL:
 1. startup packets, bounded (10,000 bytes) and timed (`startup_timeout`): SSLRequest is
    answered `S` and TLS starts with the proxy's host certificate, a client certificate
-   required and checked against the user CAs of the bundle in force; GSSENCRequest is
-   answered `N`; CancelRequest is routed (below); a StartupMessage outside TLS gets a FATAL
-   "TLS is required" that psql prints;
+   required and checked against the user CAs of the bundle in force. The handshake runs
+   over memory BIOs (`client_tls`) so that OpenSSL's alert reaches psql when it refuses
+   the certificate (psql: "SSL error: tlsv1 alert unknown ca"). Before the first bundle
+   there is no user CA: TLS then asks for no certificate, and the StartupMessage gets a
+   FATAL "the proxy has no policy bundle yet ..." that psql prints (libpq would discard an
+   ErrorResponse sent instead of `S`). GSSENCRequest is answered `N`; CancelRequest is
+   routed (below); a StartupMessage outside TLS gets a FATAL "TLS is required"; one that
+   asks for protocol 3.x (x > 0) or `_pq_.` options gets NegotiateProtocolVersion (3.0,
+   none of the options) first, as from PostgreSQL, and the session goes on with 3.0;
 2. the client's certificate is verified (`verify_identity`: usage db, route, cluster,
    expiry, with messages a person can act on) and the StartupMessage's user and database
    checked against the route (`resolve_target`);
@@ -14,14 +20,17 @@ For a connection the listener classified as PostgreSQL:
    TLS transport itself is handed over, no tunnel), else to an agent through the tunnel:
    healthy ones in random order, the next one tried when one fails before the session
    starts; with none, FATAL "no agent is serving database X";
-5. then bytes are relayed as they come (`dataplane.relay.Relay`), nothing parsed.
+5. then bytes are relayed as they come (`dataplane.relay.Relay`), nothing parsed. The
+   proxy's `client_idle_timeout` travels in SessionStart; the agent enforces it (it sees
+   the message boundaries and audits the end).
 
 A CancelRequest (a new plain connection, as libpq sends it) whose key the proxy issued goes
 to the agent of that session; any other key cancels nothing and the client is told
 nothing, as with PostgreSQL.
 
-Never: relay a byte of a client whose certificate did not verify, answer a wrong cancel
-key differently from a right one, or keep reading startup bytes past the limits.
+Never: relay a byte of a client whose certificate did not verify (nor of one whose TLS
+asked for none), answer a wrong cancel key differently from a right one, drop the alert of
+a failed handshake, or keep reading startup bytes past the limits.
 """
 
 from __future__ import annotations
@@ -44,11 +53,13 @@ from dataplane.postgres import (
 )
 from dataplane.postgres import messages as m
 from dataplane.postgres.errors import (
+    CANNOT_CONNECT_NOW,
     INVALID_AUTHORIZATION_SPECIFICATION,
     PROTOCOL_VIOLATION,
     SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
 )
 from dataplane.proxy.cancel import LOCAL, CancelKeys
+from dataplane.proxy.client_tls import TlsHandshakeFailed, accept_tls
 from dataplane.relay import ConnectionClosed, Inbox, Relay
 from dataplane.tunnel.frames import CancelStart, SessionStart
 from dataplane.tunnel.hosts import (
@@ -69,6 +80,10 @@ STARTUP_TIMEOUT = 10.0
 TLS_REQUIRED = (
     "TLS is required: connect with sslmode=verify-full and the files tsh db login wrote"
 )
+NO_BUNDLE = (
+    "the proxy has no policy bundle yet (it is joining the cluster); try again in a few "
+    "seconds"
+)
 
 
 class LocalAgentLike(Protocol):
@@ -86,6 +101,10 @@ class LocalAgentLike(Protocol):
     ) -> Any: ...  # an answer with .ok, .reason, .retry
 
     async def cancel(self, process_id: int, secret_key: int) -> bool: ...
+
+
+class _HandshakeFailed(Exception):
+    """The client's TLS handshake failed; the alert was sent, the socket is closing."""
 
 
 class _Refused(Exception):
@@ -110,6 +129,7 @@ class PostgresFrontend:
         audit: AuditSink | None = None,
         host_id: str = "",
         startup_timeout: float = STARTUP_TIMEOUT,
+        client_idle_timeout: float | None = None,
     ) -> None:
         self.contexts = contexts
         self.bundles = bundles
@@ -119,6 +139,9 @@ class PostgresFrontend:
         self.audit = audit
         self.host_id = host_id
         self.startup_timeout = startup_timeout
+        self.client_idle_timeout = (
+            client_idle_timeout if client_idle_timeout and client_idle_timeout > 0 else None
+        )
         self.relays: set[Relay] = set()
         self.identities = IdentityCache()
 
@@ -134,7 +157,11 @@ class PostgresFrontend:
             return
         try:
             async with asyncio.timeout(self.startup_timeout):
-                transport, packet, decoder = await self._startup(transport, inbox, peer)
+                transport, packet, decoder, verified = await self._startup(
+                    transport, inbox, peer
+                )
+        except _HandshakeFailed:
+            return  # the alert went out and the socket is closing: nothing more to say
         except TimeoutError:
             logger.info("PostgreSQL client %s did not finish its startup within %g s", peer,
                         self.startup_timeout)
@@ -156,7 +183,7 @@ class PostgresFrontend:
             return
         assert isinstance(packet, m.StartupMessage)
         try:
-            await self._session(transport, inbox, decoder, packet, peer)
+            await self._session(transport, inbox, decoder, packet, peer, verified)
         except _Refused as exc:
             self._refuse(inbox, exc.error)
 
@@ -169,10 +196,13 @@ class PostgresFrontend:
 
     async def _startup(
         self, transport: asyncio.Transport, inbox: Inbox, peer: str
-    ) -> tuple[asyncio.Transport, m.StartupPacket, StartupDecoder]:
-        loop = asyncio.get_running_loop()
+    ) -> tuple[asyncio.Transport, m.StartupPacket, StartupDecoder, bool]:
+        """The startup packets, TLS included: (transport, the StartupMessage or
+        CancelRequest, the decoder holding what followed, whether the TLS asked for a
+        client certificate verified against the user CAs of a bundle)."""
         decoder = StartupDecoder()
         tls = False
+        verified = False
         while True:
             packet = decoder.next_message()
             if packet is None:
@@ -185,41 +215,39 @@ class PostgresFrontend:
                         "SSLRequest inside TLS",
                     )
                 bundle = self.bundles.current
-                if bundle is None:
-                    # Without user CAs nobody can be verified; the plain StartupMessage
-                    # that follows (if the client allows it) gets the reason.
-                    inbox.write(b"N")
-                    continue
-                ctx = self.contexts.postgres_server(bundle)
+                # Before the first bundle there is no user CA to verify a client against;
+                # TLS without a client certificate still lets the client read (inside TLS,
+                # where libpq shows it) why it is refused. libpq discards an ErrorResponse
+                # sent instead of 'S' (CVE-2024-10977) and says only "server sent an error
+                # response during SSL exchange".
+                ctx = (
+                    self.contexts.postgres_server(bundle)
+                    if bundle is not None
+                    else self.contexts.postgres_server_without_bundle()
+                )
                 inbox.write(b"S")
                 try:
-                    transport = await loop.start_tls(
-                        transport, inbox, ctx, server_side=True,
-                        ssl_handshake_timeout=self.startup_timeout,
-                    )
-                except (ssl.SSLError, OSError, ConnectionError) as exc:
-                    logger.info(
-                        "TLS with PostgreSQL client %s failed (a certificate from another CA, "
-                        "or none?): %s", peer, exc,
-                    )
-                    raise ConnectionClosed(str(exc)) from None
-                inbox.transport = transport
+                    transport = await accept_tls(transport, inbox, ctx, inbox.take())
+                except TlsHandshakeFailed as exc:
+                    logger.info("TLS with PostgreSQL client %s failed: %s", peer, exc.reason)
+                    raise _HandshakeFailed(exc.reason) from None
                 tls = True
+                verified = bundle is not None
             elif isinstance(packet, m.GSSENCRequest):
                 inbox.write(b"N")
             elif isinstance(packet, m.CancelRequest):
-                return transport, packet, decoder
+                return transport, packet, decoder, verified
             else:
                 if not tls:
-                    bundle = self.bundles.current
-                    message = TLS_REQUIRED if bundle is not None else (
-                        "the proxy has no policy bundle in force yet, so it cannot verify "
-                        "client certificates; try again in a moment"
-                    )
+                    message = TLS_REQUIRED if self.bundles.current is not None else NO_BUNDLE
                     raise _Refused(
                         fatal(INVALID_AUTHORIZATION_SPECIFICATION, message), message
                     )
-                return transport, packet, decoder
+                if packet.minor_version or packet.protocol_options:
+                    # As PostgreSQL does: we speak 3.0 and none of the options; the client
+                    # goes on with that or leaves.
+                    inbox.write(encode(m.NegotiateProtocolVersion(0, packet.protocol_options)))
+                return transport, packet, decoder, verified
 
     # -- a session ---------------------------------------------------------------------------
 
@@ -254,6 +282,7 @@ class PostgresFrontend:
         decoder: StartupDecoder,
         startup: m.StartupMessage,
         peer: str,
+        verified: bool,
     ) -> None:
         session_id = str(uuid.uuid4())
         params = dict(startup.parameters)
@@ -265,8 +294,8 @@ class PostgresFrontend:
             return _Refused(fatal(sqlstate, message), message)
 
         bundle = self.bundles.current
-        if bundle is None:
-            raise refuse("the proxy has no policy bundle in force yet; try again in a moment")
+        if bundle is None or not verified:
+            raise refuse(NO_BUNDLE, sqlstate=CANNOT_CONNECT_NOW)
         der = peer_certificate(transport)
         if der is None:
             raise refuse(
@@ -292,6 +321,7 @@ class PostgresFrontend:
             startup=params,
             client_addr=peer,
             backend_key=key,
+            idle_timeout=self.client_idle_timeout,
         )
         try:
             placed = await self._place(transport, inbox, decoder, start, key)

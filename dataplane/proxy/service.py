@@ -18,6 +18,9 @@ Constructor (keyword-only):
     local_agent     the in-process AgentService (all-in-one), or None
     audit           AuditSink | None      where refusals at the proxy are recorded
     tunnel_options  dict                  TunnelServer timing knobs, for tests
+    client_idle_timeout  float | None     seconds: a session whose client sends nothing
+                                          for this long is ended (by the agent, which
+                                          audits it); None or 0: never
 
 After `start()`, `web_address`, `tunnel_address` and `postgres_address` are the bound
 addresses (port 0 picks a free one). `update_credentials` takes a renewed certificate.
@@ -88,6 +91,7 @@ class ProxyService:
         local_agent: LocalAgentLike | None = None,
         audit: AuditSink | None = None,
         tunnel_options: dict[str, float] | None = None,
+        client_idle_timeout: float | None = None,
     ) -> None:
         if api is not None and api_upstream is not None:
             raise ValueError("give either api (in-process) or api_upstream (relay), not both")
@@ -110,6 +114,7 @@ class ProxyService:
             keys=self.keys,
             audit=audit,
             host_id=credentials.host_id,
+            client_idle_timeout=client_idle_timeout,
         )
         self._api: ApiHandler | None = api or (
             ApiForwarder(api_upstream) if api_upstream is not None else None

@@ -99,7 +99,9 @@ class SessionStart(_Frame):
     """Proxy to agent on a data connection: serve this client.
 
     `client_cert` is the DER of the certificate the client presented to the proxy, base64;
-    the agent verifies it itself against the user CAs of its own bundle.
+    the agent verifies it itself against the user CAs of its own bundle. `idle_timeout`
+    is the proxy's `client_idle_timeout`, which the agent enforces (it sees the message
+    boundaries a FATAL error must wait for, and audits the end).
     """
 
     type: Literal["session-start"] = "session-start"
@@ -109,6 +111,9 @@ class SessionStart(_Frame):
     startup: dict[Annotated[str, Field(max_length=1024)], Annotated[str, Field(max_length=10_000)]]
     client_addr: Annotated[str, Field(max_length=255)] = ""
     backend_key: BackendKey
+    # The proxy's client_idle_timeout in seconds: the agent ends the session when the
+    # client sends nothing for this long. None: never.
+    idle_timeout: Annotated[float, Field(gt=0, le=366 * 86400)] | None = None
 
     def certificate_der(self) -> bytes:
         try:

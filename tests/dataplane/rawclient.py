@@ -56,31 +56,46 @@ class RawSession:
             self.sock.close()
 
 
-def connect(
-    port: int, cert: UserCert, root_ca: Path, user: str, dbname: str, timeout: float = 10.0
+def tls_session(
+    port: int, cert: UserCert | None, root_ca: Path, timeout: float = 10.0
 ) -> RawSession:
-    """TLS to the proxy with `cert`, StartupMessage, read to the first ReadyForQuery."""
+    """SSLRequest, 'S', TLS to the proxy (presenting `cert` if given); nothing else yet."""
     ctx = ssl.create_default_context(cafile=str(root_ca))
-    ctx.load_cert_chain(str(cert.cert_file), str(cert.key_file))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert.cert_file), str(cert.key_file))
     raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     raw.sendall(encode(m.SSLRequest()))
     if raw.recv(1) != b"S":
         raw.close()
         raise ConnectionError("the proxy refused TLS")
-    sock = ctx.wrap_socket(raw, server_hostname="localhost")
-    session = RawSession(sock, None)
-    session.sock.sendall(encode(m.StartupMessage({"user": user, "database": dbname})))
+    return RawSession(ctx.wrap_socket(raw, server_hostname="localhost"), None)
+
+
+def start(session: RawSession, startup: m.StartupMessage) -> list[m.BackendMessage]:
+    """Send `startup`; every message up to the first ReadyForQuery or ErrorResponse."""
+    session.send(startup)  # type: ignore[arg-type]
+    out: list[m.BackendMessage] = []
     while True:
         message = session.read_message()
-        if isinstance(message, m.ErrorResponse):
-            session.close()
-            raise ConnectionError(str(message))
+        out.append(message)
         if isinstance(message, m.BackendKeyData):
             session.key = message
         elif isinstance(message, m.ParameterStatus):
             session.parameters[message.name] = message.value
-        elif isinstance(message, m.ReadyForQuery):
-            return session
+        elif isinstance(message, m.ReadyForQuery | m.ErrorResponse):
+            return out
+
+
+def connect(
+    port: int, cert: UserCert, root_ca: Path, user: str, dbname: str, timeout: float = 10.0
+) -> RawSession:
+    """TLS to the proxy with `cert`, StartupMessage, read to the first ReadyForQuery."""
+    session = tls_session(port, cert, root_ca, timeout)
+    messages = start(session, m.StartupMessage({"user": user, "database": dbname}))
+    if isinstance(messages[-1], m.ErrorResponse):
+        session.close()
+        raise ConnectionError(str(messages[-1]))
+    return session
 
 
 def send_cancel(port: int, process_id: int, secret_key: int) -> None:

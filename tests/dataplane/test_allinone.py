@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 class AllInOne(DataPath):
     """One node running the proxy with its local agent; remote agents may join."""
 
-    def start_all(self) -> None:
+    def start_all(self, **proxy_options: Any) -> None:
         node = Node("all-in-one", self.key)
         node.activate(self.bundle_bytes)
         proxy_creds = self.pki.host("all-1", "proxy")
@@ -52,6 +53,7 @@ class AllInOne(DataPath):
                 local_agent=agent,
                 audit=self.audit,
                 tunnel_options=FAST_TUNNEL,
+                **proxy_options,
             )
             await proxy.start()
             return proxy, agent
