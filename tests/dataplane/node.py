@@ -4,7 +4,8 @@ that need separate processes: `python -m tests.dataplane.node CONFIG.json`.
 CONFIG (JSON): role ("proxy" | "agent" | "all"), pki_base (a `support.Pki` directory: the
 real CAs), host_id, bundle (path of a signed bundle), signing_public (base64 of the raw
 Ed25519 public key), databases ([{name, uri, labels}]), proxies (["host:port"]), web /
-tunnel ([host, port]), audit ("none" | "count"), pool_size.
+tunnel ([host, port]), audit ("none" | "count"), pool_size, tunnel_options (the agent's
+ProxyLink timing knobs, e.g. conftest.FAST_LINK to match a proxy's FAST_TUNNEL).
 
 Prints one JSON line with the bound ports once serving, then runs until SIGTERM or SIGINT.
 Test scaffolding only.
@@ -56,6 +57,7 @@ async def main(config: dict[str, Any]) -> None:
             audit=audit,
             proxies=config.get("proxies", []) if role == "agent" else [],
             pool_size=int(config.get("pool_size", 8)),
+            tunnel_options=config.get("tunnel_options"),
         )
         await agent.start()
         services.append(agent)

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.dataplane.conftest import DataPath, Pg
+from tests.dataplane.conftest import FAST_LINK, DataPath, Pg
 from tests.dataplane.support import Pki
 from tests.fixtures.pg import run_psql
 
@@ -39,6 +39,8 @@ def start_agent_process(dp: DataPath, host_id: str, directory: Path) -> subproce
         "databases": [{"name": "pg", "uri": dp.pg.uri, "labels": {"env": "prod"}}],
         "proxies": [f"127.0.0.1:{dp.proxy_service.tunnel_address[1]}"],  # type: ignore[index]
         "pool_size": 2,
+        # the proxy runs FAST_TUNNEL (dead after 2 s of silence): heartbeat as often
+        "tunnel_options": FAST_LINK,
     }
     path = directory / f"{host_id}.json"
     path.write_text(json.dumps(config))
