@@ -24,7 +24,7 @@ from pathlib import Path
 from dataplane.agent import AgentService
 from dataplane.agent.catalog import DatabaseCatalog
 from dataplane.agent.interfaces import PasswordProvider
-from dataplane.audit import AuditShipper
+from dataplane.audit import AuditShipper, SendJson
 from dataplane.cluster import ClusterLink
 from dataplane.proxy import ProxyService
 from schemas.config import DbService
@@ -244,7 +244,9 @@ async def build_agent(
     )
     catalog = DatabaseCatalog(config.databases, config.resources, link.labels.labels)
     assert link.db_certs is not None
-    shipper = AuditShipper(link.client.send_audit, join.data_dir / "db" / "audit-spool")
+    shipper = AuditShipper(
+        SendJson(link.client.send_audit_json), join.data_dir / "db" / "audit-spool"
+    )
     agent = AgentService(
         credentials=link.credentials,
         bundles=link.feed,

@@ -151,6 +151,11 @@ class ControlPlaneClient:
         """Deliver audit events; a refusal (4xx) raises ControlPlaneRefused with `status`."""
         return await self._call("POST", "/audit/events", AuditAck, batch)
 
+    async def send_audit_json(self, body: bytes) -> AuditAck:
+        """`send_audit` for a batch already encoded: `body` is the JSON of an AuditBatch
+        (the shipper joins the events' JSON, each serialized once), posted as it is."""
+        return await self._call("POST", "/audit/events", AuditAck, raw=body)
+
     async def fetch_bundle(self, after: int, wait: float) -> bytes | None:
         """The bundle file if the control plane has one with a serial above `after`, waiting
         up to `wait` seconds for it (long poll); None when none came in that time."""
@@ -209,6 +214,8 @@ class ControlPlaneClient:
         path: str,
         model: type[Model],
         body: pydantic.BaseModel | None = None,
+        *,
+        raw: bytes | None = None,
     ) -> Model:
         if self._closed:
             raise ControlPlaneUnavailable("the control plane client is closed", self.base_url)
@@ -225,7 +232,7 @@ class ControlPlaneClient:
         self._busy.add(client)
         reusable = False
         try:
-            response = await self._send(client, method, path, body, None, self.timeout)
+            response = await self._send(client, method, path, body, None, self.timeout, raw)
             self._check(response)
             try:
                 result = response.json(model)
@@ -253,10 +260,13 @@ class ControlPlaneClient:
         body: pydantic.BaseModel | None,
         params: dict[str, str | int] | None,
         timeout: float,
+        raw: bytes | None = None,
     ) -> ClientResponse:
+        headers = {"content-type": "application/json"} if raw is not None else None
         try:
             return await client.request(
-                method, API_PREFIX + path, json=body, params=params, timeout=timeout
+                method, API_PREFIX + path, json=body, body=raw, params=params,
+                headers=headers, timeout=timeout,
             )
         except HttpError as exc:
             raise ControlPlaneUnavailable(str(exc), self.base_url) from None
