@@ -1,7 +1,8 @@
 """What the db agent takes from its surroundings, as small Protocols (and one simple catalog).
 
 - `DbClientCertsLike.get(db_user)`: the client certificate (CN = db user) the agent presents
-  to PostgreSQL, with the db CAs; `dataplane.cluster.DbClientCerts` fits it.
+  to PostgreSQL, with the db CAs; `dataplane.cluster.DbClientCerts` fits it. When it has
+  none to give it raises a LookupError whose message says why, which the client sees.
 - `DatabasesLike`: the databases this agent serves (`served()`: name -> spec, the bundle's
   `BundleDatabase` shape) and their labels now (`labels(name)`: static and dynamic merged);
   the launcher builds it from `db_service` in teleport.yaml, the flags, and the bundle's

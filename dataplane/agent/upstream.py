@@ -134,7 +134,14 @@ class UpstreamConnector:
         self._contexts: dict[tuple[object, ...], ssl.SSLContext] = {}
 
     async def ssl_context(self, spec: BundleDatabase, db_user: str) -> ssl.SSLContext:
-        cert = await self.db_certs.get(db_user)
+        try:
+            cert = await self.db_certs.get(db_user)
+        except LookupError as exc:  # DbClientCertsLike: no usable certificate, and why
+            raise _fail(
+                str(exc),
+                "start the control plane again; database users the agent already holds a "
+                "certificate for keep working meanwhile",
+            ) from None
         verify_full = spec.tls_mode != "verify-ca"
         if spec.ca_cert_file:
             cas: tuple[bytes | str, ...] = (spec.ca_cert_file,)

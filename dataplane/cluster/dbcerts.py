@@ -49,8 +49,9 @@ REFRESH_FRACTION = 2 / 3
 EXPIRY_MARGIN = timedelta(seconds=5)
 
 
-class DbCertError(Exception):
-    """No usable client certificate for a database user; the message says why."""
+class DbCertError(LookupError):
+    """No usable client certificate for a database user; the message says why (a
+    LookupError, as `dataplane.agent.interfaces.DbClientCertsLike` asks)."""
 
 
 @dataclass(frozen=True)

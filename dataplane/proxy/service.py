@@ -42,6 +42,7 @@ from dataplane.proxy.postgres import LocalAgentLike, PostgresFrontend
 from dataplane.relay import Inbox, Relay
 from dataplane.tunnel.hosts import AuditSink, BundleSourceLike, HostCredentialsLike, TlsContexts
 from dataplane.tunnel.server import TunnelServer
+from transport.http import HttpServer, Request, Response, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -50,29 +51,63 @@ ApiHandler = Callable[[socket.socket, str], Awaitable[None]]
 
 
 class ApiForwarder:
-    """Relays HTTPS API connections, bytes unread, as raw TCP to the control plane."""
+    """Relays HTTPS API connections, bytes unread, as raw TCP to the control plane.
 
-    def __init__(self, upstream: Address, connect_timeout: float = 10.0) -> None:
+    When the control plane cannot be reached, the proxy finishes the TLS handshake itself
+    (with its host certificate, which the cluster's clients already trust) and answers
+    every request with 503 `control_plane_unreachable`, naming the address it tried: tsh
+    prints that instead of a dropped connection it would have to guess about.
+    """
+
+    def __init__(self, upstream: Address, contexts: TlsContexts,
+                 connect_timeout: float = 10.0) -> None:
         self.upstream = upstream
+        self.contexts = contexts
         self.connect_timeout = connect_timeout
+        self._unreachable = HttpServer(self._answer_unreachable)
+        self._last_error = ""
 
     async def __call__(self, sock: socket.socket, peer: str) -> None:
         loop = asyncio.get_running_loop()
-        client_inbox = Inbox()
-        client, _ = await loop.connect_accepted_socket(lambda: client_inbox, sock)
         server_inbox = Inbox()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 server, _ = await loop.create_connection(lambda: server_inbox, *self.upstream)
         except (OSError, TimeoutError) as exc:
+            reason = "no answer in time" if isinstance(exc, TimeoutError) else (
+                exc.strerror or str(exc))
+            self._last_error = reason
             logger.warning("cannot reach the control plane API at %s:%s for %s: %s",
-                           *self.upstream, peer, exc)
-            client.abort()
+                           *self.upstream, peer, reason)
+            await self._unreachable.accept_socket(
+                sock, ssl=self.contexts.web_server_without_upstream()
+            )
             return
+        client_inbox = Inbox()
+        try:
+            client, _ = await loop.connect_accepted_socket(lambda: client_inbox, sock)
+        except OSError:
+            server.abort()
+            raise
         Relay(client, server).start(
             client_inbox.take(), server_inbox.take(),
             client_gone=client_inbox.closed, server_gone=server_inbox.closed,
         )
+
+    async def _answer_unreachable(self, request: Request) -> Response:
+        host, port = self.upstream
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return error_response(
+            503,
+            "control_plane_unreachable",
+            f"the control plane (auth service) at {where} cannot be "
+            f"reached from the proxy ({self._last_error}): logins, signups and new "
+            "certificates wait until it is back; database sessions with certificates you "
+            "already have keep working",
+        )
+
+    async def close(self) -> None:
+        await self._unreachable.close()
 
 
 class ProxyService:
@@ -117,7 +152,7 @@ class ProxyService:
             client_idle_timeout=client_idle_timeout,
         )
         self._api: ApiHandler | None = api or (
-            ApiForwarder(api_upstream) if api_upstream is not None else None
+            ApiForwarder(api_upstream, self.contexts) if api_upstream is not None else None
         )
         self._listeners: list[PeekListener] = []
         self.web_address: Address | None = None
@@ -147,6 +182,8 @@ class ProxyService:
         for listener in self._listeners:
             await listener.close()
         self._listeners.clear()
+        if isinstance(self._api, ApiForwarder):
+            await self._api.close()
         for relay in list(self.frontend.relays):
             relay.close("the proxy is stopping")
         if self.tunnel is not None:

@@ -298,6 +298,11 @@ class TlsContexts:
 
         return self._get("postgres-server-without-bundle", id(creds), build)
 
+    def web_server_without_upstream(self) -> ssl.SSLContext:
+        """The proxy's web port answering by itself (the control plane it relays the API to
+        is unreachable): TLS with the host certificate, no client certificate asked for."""
+        return self.postgres_server_without_bundle()
+
 
 def _no_tickets(ctx: ssl.SSLContext) -> None:
     """libpq never resumes a TLS session: issuing tickets (two per connection in TLS 1.3)

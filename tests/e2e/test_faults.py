@@ -41,11 +41,6 @@ def test_with_the_control_plane_stopped_sessions_old_and_new_keep_working(
     alice.login()  # and logins work again
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug (reported): the proxy aborts an API connection it cannot relay to "
-    "the control plane, and tsh guesses at a refused client certificate",
-)
 def test_tsh_login_says_the_control_plane_cannot_be_reached(
     cluster: E2ECluster, alice: Person
 ) -> None:
@@ -72,11 +67,6 @@ def test_tsh_login_says_the_control_plane_cannot_be_reached(
     assert "client certificate" not in failed.stderr, failed.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug (reported): the agent's DbCertError escapes the session as an "
-    "exception; the client sees the connection closed instead of a FATAL error",
-)
 def test_a_db_user_new_to_the_agent_gets_a_clear_error_while_the_control_plane_is_down(
     cluster: E2ECluster,
 ) -> None:
