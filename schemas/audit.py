@@ -34,6 +34,20 @@ FUNCTION = "db.session.postgres.function"
 
 # Longest query text or parameter kept in an event; longer ones are cut and marked.
 MAX_TEXT = 64 * 1024
+# Largest event, as encoded JSON, that an agent sends (`fit_event`): well inside a batch and
+# the API's request body limit, whatever the parameters, statements or error texts held.
+MAX_EVENT_BYTES = 128 * 1024
+# What `fit_event` may cut: the texts and lists a client or a server chose the size of.
+_CUT_TEXTS = ("query", "reason")
+_CUT_LISTS = ("parameters", "arguments", "outcomes")
+_CUT_MARK = "…(truncated)"
+# (characters per text, items per list) of each round of `fit_event`, loosest first: lists
+# before texts, so that a query is kept whole when its many outcomes were the excess. The
+# last round leaves a few hundred bytes of payload, whatever the event held.
+_CUT_ROUNDS = (
+    (MAX_TEXT, 1024), (MAX_TEXT, 256), (16384, 256), (16384, 64), (4096, 64), (4096, 16),
+    (1024, 16), (256, 4), (64, 1), (16, 0),
+)
 
 
 def new_event_id() -> str:
@@ -73,6 +87,10 @@ class SessionContext(BaseModel):
 class _Event(SessionContext):
     id: str = Field(default_factory=new_event_id)
     time: datetime = Field(default_factory=utcnow)
+    shortened: str | None = Field(
+        default=None,
+        description="set when the event was cut to fit MAX_EVENT_BYTES: what was left out",
+    )
 
 
 class SessionStartEvent(_Event):
@@ -174,3 +192,75 @@ def encode_batch(events_json: Iterable[bytes]) -> bytes:
     `encode_event`. Each may end in a newline, as spooled lines do: whitespace between the
     items of a JSON array is allowed, so lines are joined as they are."""
     return b'{"events":[' + b",".join(events_json) + b"]}"
+
+
+def fit_event(event: AuditEvent, encoded: bytes, limit: int = MAX_EVENT_BYTES
+              ) -> tuple[AuditEvent, bytes]:
+    """`event` and its `encoded` JSON if that is at most `limit` bytes; otherwise a copy cut
+    to fit, and its JSON. What a client or a server chose the size of is cut: long texts
+    (query, reason, parameters, arguments, error messages) to a number of characters and
+    long lists (parameters, arguments, the outcomes of a many-statement query) to their
+    first items, tighter each round until the event fits. `shortened` says what was cut
+    and how large the event was; `truncated` is set when the query was cut. Who, where,
+    when and the outcome's status and SQLSTATE are never cut."""
+    if len(encoded) <= limit:
+        return event, encoded
+    data = event.model_dump(mode="python")
+    for chars, items in _CUT_ROUNDS:
+        notes: list[str] = []
+        cut = _cut(data, chars, items, notes)
+        cut["shortened"] = (
+            f"{len(encoded)} bytes of JSON, over the limit of {limit}: " + "; ".join(notes)
+        )
+        if "truncated" in cut and any(note.startswith("query") for note in notes):
+            cut["truncated"] = True
+        fitted = EVENT_ADAPTER.validate_python(cut)
+        fitted_json = encode_event(fitted)
+        if len(fitted_json) <= limit:
+            break
+    return fitted, fitted_json
+
+
+def _cut(data: dict, chars: int, items: int, notes: list[str]) -> dict:
+    out = dict(data)
+    for name in _CUT_TEXTS:
+        value = out.get(name)
+        if isinstance(value, str) and len(value) > chars:
+            out[name] = value[:chars] + _CUT_MARK
+            notes.append(f"{name} cut to {chars} of {len(value)} characters")
+    for name in _CUT_LISTS:
+        values = out.get(name)
+        if not isinstance(values, list):
+            continue
+        if len(values) > items:
+            notes.append(f"{name}: the first {items} of {len(values)} kept")
+            values = values[:items]
+            if name == "parameters" and "parameter_formats" in out:
+                out["parameter_formats"] = out["parameter_formats"][:items]
+        longest = 0
+        kept: list = []
+        for value in values:
+            item, size = value, 0
+            if isinstance(value, dict):  # an outcome: its message is the server's text
+                item, size = _cut_message(value, chars)
+            elif isinstance(value, str) and len(value) > chars:
+                item, size = value[:chars] + _CUT_MARK, len(value)
+            longest = max(longest, size)
+            kept.append(item)
+        if longest:
+            notes.append(f"{name}: texts cut to {chars} characters (the longest was {longest})")
+        out[name] = kept
+    outcome = out.get("outcome")
+    if isinstance(outcome, dict):
+        out["outcome"], size = _cut_message(outcome, chars)
+        if size:
+            notes.append(f"outcome message cut to {chars} of {size} characters")
+    return out
+
+
+def _cut_message(outcome: dict, chars: int) -> tuple[dict, int]:
+    """The outcome with its message cut to `chars`, and the message's length if it was."""
+    message = outcome.get("message")
+    if isinstance(message, str) and len(message) > chars:
+        return {**outcome, "message": message[:chars] + _CUT_MARK}, len(message)
+    return outcome, 0

@@ -276,7 +276,10 @@ def format_event(event: AuditEvent) -> str:
     when = event.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
     where = "/".join(_clean(part, 64) for part in (event.db_service, event.db_name,
                                                     event.db_user))
-    return f"{when}  {event.type}  {_clean(event.user, 64)}  {where}  {_what(event)}"
+    line = f"{when}  {event.type}  {_clean(event.user, 64)}  {where}  {_what(event)}"
+    if event.shortened:
+        line += f"  [shortened: {_clean(event.shortened, 200)}]"
+    return line
 
 
 def _write(text: str) -> None:

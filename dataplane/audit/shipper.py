@@ -42,6 +42,11 @@ that before events are dropped (counted in `stats.lost`, logged as errors). What
 protects against is an unreachable control plane; events still in memory when the agent is
 killed (about `interval` seconds' worth, or what the spool could not take) die with it.
 
+Size: an event whose JSON is over `max_event_bytes` (a Bind of many large parameters, a
+query string of thousands of statements, a huge error message) is cut to fit by
+`schemas.audit.fit_event`, its `shortened` field saying what was left out, rather than sent
+to be refused by the control plane's body limit.
+
 `emit` never blocks and never raises. Call it on the event loop's thread, or from another
 thread (it then wakes the sender thread-safely). Never logs event contents.
 """
@@ -65,7 +70,14 @@ import pydantic
 
 from dataplane.audit.spool import SEGMENT_BYTES, Segment, Spool
 from schemas.api import AuditAck, AuditBatch
-from schemas.audit import AuditEvent, encode_batch, encode_event, parse_event
+from schemas.audit import (
+    MAX_EVENT_BYTES,
+    AuditEvent,
+    encode_batch,
+    encode_event,
+    fit_event,
+    parse_event,
+)
 
 log = logging.getLogger("teleport.audit.shipper")
 
@@ -136,6 +148,7 @@ class AuditShipper:
         retry_min: float = 0.2,
         retry_max: float = 10.0,
         send_timeout: float = 30.0,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         if batch_events < 1 or batch_bytes < 1 or spool_max_bytes < 1:
             raise ValueError("batch_events, batch_bytes and spool_max_bytes must be positive")
@@ -149,6 +162,7 @@ class AuditShipper:
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.send_timeout = send_timeout
+        self.max_event_bytes = max_event_bytes
         self.stats = ShipperStats()
         self._spool = Spool(self.spool_dir, spool_max_bytes, segment_bytes)
         self._queue: deque[AuditEvent] = deque()
@@ -399,6 +413,11 @@ class AuditShipper:
                 except Exception as error:  # not an event at all: a defect in the emitter
                     self._lose(1, f"an emitted object could not be encoded ({error!r})")
                     continue
+            if len(line) > self.max_event_bytes:
+                event, fitted = fit_event(event, line[:-1], self.max_event_bytes)
+                line = fitted + b"\n"
+                log.warning("audit: event %s (%s) was cut to fit %d bytes: %s", event.id,
+                            event.type, self.max_event_bytes, event.shortened)
             if lines and size + len(line) > self.batch_bytes:
                 queue.appendleft(event)
                 break

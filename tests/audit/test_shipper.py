@@ -22,8 +22,9 @@ import pytest
 import uvloop
 
 from control.audit_store import search_log, verify_log
+from control.settings import ApiSettings
 from dataplane.audit import AuditShipper
-from schemas.audit import AuditEvent, encode_event
+from schemas.audit import AuditEvent, Outcome, encode_event
 from tests.audit.conftest import AuditEndpoint, HttpSend, numbered_events, query_event
 from transport.http import ServerLimits
 
@@ -363,6 +364,50 @@ def test_an_event_the_control_plane_refuses_is_kept_aside_and_the_rest_delivered
     assert json.loads(kept)["id"] == huge.id
     assert shipper.stats.rejected == 1 and shipper.stats.lost == 0
     assert f"refused event {huge.id}" in caplog.text
+
+
+def test_an_event_over_the_size_limit_is_cut_to_fit_and_stored(
+    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A statement of 7,000 queries (one outcome each) and a query of control characters
+    (six bytes of JSON each) are stored shortened under the control plane's own body limit,
+    not refused: nothing goes to rejected.jsonl."""
+    limits = ServerLimits(max_body_bytes=ApiSettings().max_body_bytes)
+    endpoint = AuditEndpoint(tmp_path / "audit", limits=limits)
+    many = query_event("select 1;" * 7000)
+    many.outcomes = [Outcome(status="ok", command_tag="SELECT 1", rows=1)] * 7000
+    escaped = query_event("select '" + "\x01" * 60_000 + "'")
+    small = numbered_events(3)
+    events = [small[0], many, small[1], escaped, small[2]]
+    assert all(len(encode_event(e)) > limits.max_body_bytes for e in (many, escaped))
+
+    async def main() -> AuditShipper:
+        await endpoint.start()
+        send = HttpSend(endpoint.url)
+        shipper = AuditShipper(send.sender(form), tmp_path / "spool", **FAST)
+        await shipper.start()
+        for event in events:
+            shipper.emit(event)
+        assert await shipper.flush(timeout=10)
+        await shipper.close()
+        await send.aclose()
+        await endpoint.stop()
+        return shipper
+
+    with caplog.at_level(logging.WARNING, logger="teleport.audit.shipper"):
+        shipper = asyncio.run(main())
+    stored = search_log(tmp_path / "audit")
+    assert [e.id for e in stored] == [e.id for e in events]
+    assert shipper.stats.rejected == 0 and shipper.stats.lost == 0
+    assert not (tmp_path / "spool" / "rejected.jsonl").exists()
+    by_id = {e.id: e for e in stored}
+    cut_many, cut_escaped = by_id[many.id], by_id[escaped.id]
+    assert cut_many.query == many.query and 0 < len(cut_many.outcomes) < 7000
+    assert cut_many.shortened and "outcomes: the first" in cut_many.shortened
+    assert cut_escaped.truncated and cut_escaped.query.startswith("select '\x01")
+    assert by_id[small[1].id].shortened is None
+    assert f"event {many.id} (db.session.query) was cut to fit" in caplog.text
+    assert "\x01" not in caplog.text  # sizes only, never the contents
 
 
 def test_emit_never_raises_and_never_blocks(form: str, tmp_path: Path) -> None:
