@@ -673,6 +673,15 @@ proxy_service:
         )
         return time.monotonic() - started
 
+    def wait_agent_has_policy_in_force(self, timeout: float = 20.0) -> int:
+        """Wait until the agent activated the bundle the control plane has in force (a
+        `tctl users add` reaches it a moment after the commit); its serial."""
+        assert self.agent is not None
+        found = re.search(r"In force:\s+serial (\d+)", self.tctl("status").stdout)
+        assert found is not None, "tctl status names no bundle in force"
+        self.agent.wait_log(rf"bundle serial {found.group(1)} \(.*is in force", 0, timeout)
+        return int(found.group(1))
+
     def audit_events(self, *filters: str) -> list[dict[str, Any]]:
         """`tctl audit search --format json --limit 0` with `filters` (e.g. --type=...)."""
         out = self.tctl(
