@@ -11,8 +11,8 @@ tunnel, or in-process in the all-in-one):
    message says what was denied and why;
 3. log in to PostgreSQL (`UpstreamConnector`); a server error reaches the client unchanged;
 4. greet the client as a server would (AuthenticationOk, the server's ParameterStatus,
-   the proxy-issued BackendKeyData, ReadyForQuery) in one write, and start the relay with
-   scanners feeding the audit `SessionRecorder`.
+   BackendKeyData with the server's process id and the proxy's secret, ReadyForQuery) in
+   one write, and start the relay with scanners feeding the audit `SessionRecorder`.
 
 `recheck(bundle)` re-decides every live session against a newly activated bundle and
 terminates those no longer allowed; with `disconnect_expired_cert` a session also ends
@@ -53,7 +53,7 @@ from dataplane.postgres.errors import (
     INVALID_AUTHORIZATION_SPECIFICATION,
 )
 from dataplane.relay import Inbox, Relay
-from dataplane.tunnel.frames import FrameError, SessionStart
+from dataplane.tunnel.frames import BackendKey, FrameError, SessionStart
 from dataplane.tunnel.hosts import BundleSourceLike, IdentityCache
 from dataplane.tunnel.routing import TargetRefused, resolve_target, upstream_parameters
 from schemas.bundle import Bundle
@@ -233,10 +233,17 @@ class PostgresEngine:
                 return
             bundle = latest
 
+        # The client's key: the server's process id (what pg_backend_pid() says, as on a
+        # direct connection) with the proxy's secret, never the server's.
+        server_pid = upstream.server_key.process_id if upstream.server_key else None
+        client_key = BackendKey(
+            process_id=server_pid if server_pid is not None else start.backend_key.process_id,
+            secret_key=start.backend_key.secret_key,
+        )
         greeting = [
             encode(m.AuthenticationOk()),
             *(encode(message) for message in upstream.greeting),
-            encode(m.BackendKeyData(start.backend_key.process_id, start.backend_key.secret_key)),
+            encode(m.BackendKeyData(client_key.process_id, client_key.secret_key)),
             encode(m.ReadyForQuery(upstream.status)),  # type: ignore[arg-type]
         ]
         client.transport.write(b"".join(greeting))
@@ -270,7 +277,7 @@ class PostgresEngine:
             db_user=db_user,
             db_name=db_name,
             client_addr=start.client_addr,
-            client_key=start.backend_key,
+            client_key=client_key,
             server_key=upstream.server_key,
             relay=relay,
             recorder=recorder,

@@ -5,8 +5,9 @@ verified identity, kept with its certificate so a new bundle can re-check it), w
 database, db user, db name), its relay and its audit recorder, and the two cancel keys:
 the one the proxy generated for the client and the server's own.
 
-`SessionRegistry.find_by_key(pid, secret)` compares the secret in constant time; a wrong
-key finds nothing, and nothing tells the caller so (PostgreSQL's behaviour).
+`SessionRegistry.find_by_key(pid, secret)` finds a session only when both match the key its
+client was given (the server's process id and the proxy's secret); a wrong key finds
+nothing, and nothing tells the caller so (PostgreSQL's behaviour).
 
 This module holds state only; the decisions (what to re-check, when to terminate) are the
 engine's. It never logs cancel secrets.
@@ -15,7 +16,6 @@ engine's. It never logs cancel secrets.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,7 +41,7 @@ class Session:
     db_user: str
     db_name: str
     client_addr: str
-    client_key: BackendKey  # what the proxy gave the client
+    client_key: BackendKey  # what the client was given: server's process id, proxy's secret
     server_key: m.BackendKeyData | None  # what the server gave us
     relay: Relay
     recorder: SessionRecorder | None
@@ -69,7 +69,7 @@ class SessionRegistry:
 
     def __init__(self) -> None:
         self._by_id: dict[str, Session] = {}
-        self._by_pid: dict[int, Session] = {}
+        self._by_key: dict[tuple[int, int], Session] = {}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -79,22 +79,20 @@ class SessionRegistry:
 
     def add(self, session: Session) -> None:
         self._by_id[session.session_id] = session
-        self._by_pid[session.client_key.process_id] = session
+        self._by_key[_key(session.client_key)] = session
 
     def remove(self, session: Session) -> None:
         if self._by_id.get(session.session_id) is session:
             del self._by_id[session.session_id]
-        if self._by_pid.get(session.client_key.process_id) is session:
-            del self._by_pid[session.client_key.process_id]
+        if self._by_key.get(_key(session.client_key)) is session:
+            del self._by_key[_key(session.client_key)]
 
     def get(self, session_id: str) -> Session | None:
         return self._by_id.get(session_id)
 
     def find_by_key(self, process_id: int, secret_key: int) -> Session | None:
-        session = self._by_pid.get(process_id)
-        expected = session.client_key.secret_key if session is not None else 0
-        # Compare even when nothing was found, so timing tells nothing either way.
-        same = hmac.compare_digest(
-            expected.to_bytes(4, "big"), (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
-        )
-        return session if session is not None and same else None
+        return self._by_key.get((process_id & 0xFFFFFFFF, secret_key & 0xFFFFFFFF))
+
+
+def _key(key: BackendKey) -> tuple[int, int]:
+    return key.process_id & 0xFFFFFFFF, key.secret_key & 0xFFFFFFFF

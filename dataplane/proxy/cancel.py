@@ -1,16 +1,21 @@
 """The cancel keys the proxy hands out: BackendKeyData that maps back to a session.
 
-Each client gets a fresh random process id and secret (`secrets`), remembered with where
-its session runs (an agent's host id, or the local agent) until the session ends. A
-CancelRequest that names a known process id with the right secret (compared in constant
-time) is routed; anything else finds nothing, and the client is told nothing.
+The client sees the real server's process id (what `pg_backend_pid()` returns, so tools
+that cancel with `pg_cancel_backend(pid)` or match NOTIFY senders work as they do directly)
+and a secret the proxy drew (`secrets`), never the server's own. The proxy issues the
+secret before the session is placed, unique among its live sessions, and remembers where
+the session runs (an agent's host id, or the local agent) until it ends; the agent that
+serves it writes the BackendKeyData with the server's process id and that secret.
 
-Never log a secret; never reuse a process id that is still in use.
+A CancelRequest is routed by its secret to that agent, which cancels only when the process
+id matches too (so a key is as hard to guess as PostgreSQL's own: a 32-bit secret with the
+process id); anything else finds nothing, and the client is told nothing.
+
+Never log a secret; never reuse a secret that is still in use.
 """
 
 from __future__ import annotations
 
-import hmac
 import secrets
 from dataclasses import dataclass
 
@@ -26,38 +31,33 @@ class CancelTarget:
 
 
 class CancelKeys:
-    """process id -> (secret, where the session runs)."""
+    """secret -> where the session runs."""
 
     def __init__(self) -> None:
-        self._keys: dict[int, tuple[int, CancelTarget]] = {}
+        self._keys: dict[int, CancelTarget] = {}
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def issue(self, session_id: str) -> BackendKey:
-        """A new key for a session not yet placed on an agent (`bind` says where it went)."""
+        """A new key for a session not yet placed on an agent (`bind` says where it went).
+        Its process id stands in only when the server sends none of its own."""
         while True:
-            process_id = secrets.randbelow(0x7FFFFFFF) + 1  # positive: libpq prints it signed
-            if process_id not in self._keys:
+            secret = secrets.randbits(32)
+            if secret not in self._keys:
                 break
-        secret = secrets.randbits(32)
-        self._keys[process_id] = (secret, CancelTarget(session_id))
+        self._keys[secret] = CancelTarget(session_id)
+        process_id = secrets.randbelow(0x7FFFFFFF) + 1  # positive: libpq prints it signed
         return BackendKey(process_id=process_id, secret_key=secret)
 
     def bind(self, key: BackendKey, host_id: str) -> None:
-        entry = self._keys.get(key.process_id)
-        if entry is not None and entry[0] == key.secret_key:
-            entry[1].host_id = host_id
+        target = self._keys.get(key.secret_key)
+        if target is not None:
+            target.host_id = host_id
 
     def forget(self, key: BackendKey) -> None:
-        entry = self._keys.get(key.process_id)
-        if entry is not None and entry[0] == key.secret_key:
-            del self._keys[key.process_id]
+        self._keys.pop(key.secret_key, None)
 
-    def lookup(self, process_id: int, secret_key: int) -> CancelTarget | None:
-        entry = self._keys.get(process_id)
-        expected = entry[0] if entry is not None else 0
-        same = hmac.compare_digest(
-            expected.to_bytes(4, "big"), (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
-        )
-        return entry[1] if entry is not None and same else None
+    def lookup(self, secret_key: int) -> CancelTarget | None:
+        """Where the session with this secret runs; the agent checks the process id."""
+        return self._keys.get(secret_key & 0xFFFFFFFF)

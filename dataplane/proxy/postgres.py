@@ -391,7 +391,7 @@ class PostgresFrontend:
     # -- cancel -----------------------------------------------------------------------------
 
     async def _cancel(self, request: m.CancelRequest, peer: str) -> None:
-        target = self.keys.lookup(request.process_id, request.secret_key)
+        target = self.keys.lookup(request.secret_key)
         if target is None or target.host_id is None:
             logger.info("CancelRequest from %s matches no session; ignored", peer)
             return

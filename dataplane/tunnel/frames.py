@@ -89,7 +89,8 @@ class DataHello(_Frame):
 
 
 class BackendKey(_Frame):
-    """The BackendKeyData the proxy gave the client (both unsigned 32-bit)."""
+    """The BackendKeyData of a session: the proxy's secret (its process id is replaced by the
+    server's when the agent greets the client). Both unsigned 32-bit."""
 
     process_id: int = Field(ge=0, le=0xFFFFFFFF)
     secret_key: int = Field(ge=0, le=0xFFFFFFFF)

@@ -48,21 +48,33 @@ def test_psql_ctrl_c_cancels_a_running_query_within_a_second(path: DataPath) -> 
     assert elapsed < 1.0, f"psql took {elapsed:.2f} s to come back"
 
 
-def test_the_proxy_issues_its_own_random_keys(path: DataPath) -> None:
+def test_the_client_sees_the_servers_process_id_and_the_proxys_secret(
+    path: DataPath,
+) -> None:
+    """pg_backend_pid() is the pid in the client's BackendKeyData, as on a direct connection
+    (tools cancel with pg_cancel_backend(pid) and match NOTIFY senders by it); the secret
+    is the proxy's, never the server's."""
     one = rawclient.connect(path.web_port, path.cert("alice"), path.pki.host_ca_file, "alice",
                             "main")
     two = rawclient.connect(path.web_port, path.cert("alice"), path.pki.host_ca_file, "alice",
                             "main")
     try:
         assert one.key is not None and two.key is not None
-        server_pids = [
-            next(r for r in s.query("select pg_backend_pid()") if isinstance(r, pm.DataRow))
-            for s in (one, two)
-        ]
-        real = {int(row.values[0] or b"0") for row in server_pids}  # type: ignore[attr-defined]
-        assert one.key.process_id not in real and two.key.process_id not in real
-        assert (one.key.process_id, one.key.secret_key) != (two.key.process_id,
-                                                            two.key.secret_key)
+        for session in (one, two):
+            row = next(r for r in session.query("select pg_backend_pid()")
+                       if isinstance(r, pm.DataRow))
+            assert int(row.values[0] or b"0") == session.key.process_id  # type: ignore[union-attr]
+        assert one.key.process_id != two.key.process_id
+        assert one.key.secret_key != two.key.secret_key
+        engine = path.agents[0].service.engine  # type: ignore[union-attr]
+        given = {(k.process_id, k.secret_key) for k in (one.key, two.key)}
+        ours = [s for s in engine.registry
+                if (s.client_key.process_id, s.client_key.secret_key) in given]
+        assert len(ours) == 2
+        for live in ours:
+            assert live.server_key is not None
+            assert live.server_key.process_id == live.client_key.process_id
+            assert live.server_key.secret_key != live.client_key.secret_key
     finally:
         one.close()
         two.close()
@@ -77,7 +89,7 @@ def test_a_wrong_key_cancels_nothing_and_the_right_one_cancels(path: DataPath) -
         session.send(pm.Query("select pg_sleep(1.5), 'finished'"))
         wait_running(path, "select pg_sleep(1.5)")
         rawclient.send_cancel(path.web_port, pid, secret ^ 1)  # right pid, wrong secret
-        rawclient.send_cancel(path.web_port, pid ^ 0x5A5A, secret)  # unknown pid
+        rawclient.send_cancel(path.web_port, pid ^ 0x5A5A, secret)  # right secret, wrong pid
         messages = []
         while True:
             message = session.read_message()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography import x509
 
@@ -122,3 +124,45 @@ def test_a_cancel_request_with_a_wrong_key_cancels_nothing(
         assert any(isinstance(m, pm.DataRow) for m in session.query("select 1"))
     finally:
         session.close()
+
+
+def test_tools_that_cancel_by_backend_pid_work_as_directly(
+    cluster: E2ECluster, alice: Person
+) -> None:
+    """psycopg's `info.backend_pid` is PostgreSQL's own pid through the proxy, as on a direct
+    connection: a GUI's "cancel" that runs pg_cancel_backend(pid) on a second connection
+    stops the first one's query, and a NOTIFY names its sender by that pid."""
+    with alice.libpq_env():
+        busy = psycopg.connect(alice.dsn(), autocommit=True)
+        other = psycopg.connect(alice.dsn(), autocommit=True)
+    try:
+        pid = busy.info.backend_pid
+        assert busy.execute("select pg_backend_pid()").fetchone() == (pid,)
+        outcome: list[BaseException | None] = []
+
+        def sleep() -> None:
+            try:
+                busy.execute("select pg_sleep(30)")
+                outcome.append(None)
+            except BaseException as exc:  # reported below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=sleep, daemon=True)
+        thread.start()
+        wait_running(cluster, "select pg_sleep(30)")
+        started = time.monotonic()
+        assert other.execute("select pg_cancel_backend(%s)", [pid]).fetchone() == (True,)
+        thread.join(10)
+        assert time.monotonic() - started < 2
+        assert len(outcome) == 1 and isinstance(outcome[0], psycopg.errors.QueryCanceled)
+
+        busy.execute("listen e2e_channel")
+        other.execute("notify e2e_channel, 'from other'")
+        busy.execute("notify e2e_channel, 'from busy'")
+        got = list(busy.notifies(timeout=5, stop_after=2))
+        assert {(n.payload, n.pid) for n in got} == {
+            ("from other", other.info.backend_pid), ("from busy", pid)
+        }
+    finally:
+        busy.close()
+        other.close()
