@@ -66,7 +66,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -970,6 +970,27 @@ def audit_events_handler(
         return json_response(AuditAck(accepted=accepted, duplicates=duplicates))
 
     return handle
+
+
+def in_process_post(
+    store: AuditStore, sender: str
+) -> Callable[[bytes], Awaitable[AuditAck]]:
+    """`POST /v1/audit/events` without the HTTP: for a db agent in the control plane's own
+    process (`teleport start --roles=auth,db`), which has no TLS leg to cross. The body is
+    validated and stored exactly as the endpoint does; a refused body raises an error with
+    `status` 400 (the shipper keeps its events aside), a store that cannot write raises
+    AuditStoreError (the shipper spools and retries)."""
+
+    async def post(body: bytes) -> AuditAck:
+        try:
+            accepted, duplicates = await asyncio.to_thread(store.append_body, body, sender)
+        except pydantic.ValidationError as exc:
+            raise _refusal(exc) from None
+        except ValueError as exc:
+            raise ApiError(400, "invalid_event", str(exc)) from None
+        return AuditAck(accepted=accepted, duplicates=duplicates)
+
+    return post
 
 
 def _refusal(exc: pydantic.ValidationError) -> ApiError:

@@ -27,6 +27,7 @@ from dataplane.agent.interfaces import PasswordProvider
 from dataplane.audit import AuditShipper, SendJson
 from dataplane.cluster import ClusterLink
 from dataplane.proxy import ProxyService
+from schemas.api import AuditAck
 from schemas.config import DbService
 from schemas.config import ProxyService as ProxyConfig
 from schemas.durations import parse_duration
@@ -221,6 +222,7 @@ async def build_agent(
     *,
     password_provider: PasswordProvider | None = None,
     local_tunnel_addr: str | None = None,
+    local_audit: Callable[[str], Callable[[bytes], Awaitable[AuditAck]]] | None = None,
 ) -> Node:
     """A db agent serving its configured databases and the bundle's selected ones; it dials
     every proxy the control plane lists (but `local_tunnel_addr`, its own process's proxy,
@@ -244,9 +246,14 @@ async def build_agent(
     )
     catalog = DatabaseCatalog(config.databases, config.resources, link.labels.labels)
     assert link.db_certs is not None
-    shipper = AuditShipper(
-        SendJson(link.client.send_audit_json), join.data_dir / "db" / "audit-spool"
+    # In the control plane's own process, batches go straight to its audit store:
+    # `local_audit(host_id)` gives the post (no TLS leg that adds nothing).
+    post = (
+        local_audit(link.credentials.host_id)
+        if local_audit is not None
+        else link.client.send_audit_json
     )
+    shipper = AuditShipper(SendJson(post), join.data_dir / "db" / "audit-spool")
     agent = AgentService(
         credentials=link.credentials,
         bundles=link.feed,

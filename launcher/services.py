@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
+from control.audit_store import in_process_post
 from control.ca import host_ca_pin
 from control.service import ControlPlane
 from control.settings import ApiSettings, ControlSettings, SourceSettings
@@ -21,6 +22,7 @@ from dataplane.runtime import (
     build_proxy,
 )
 from launcher.start import Plan, StartError
+from schemas.api import AuditAck
 from schemas.durations import parse_duration
 from schemas.policy.models import split_host_port
 
@@ -129,6 +131,7 @@ async def build_services(plan: Plan, plane: ControlPlane | None = None) -> list[
                 join,
                 plan.config.db_service,
                 local_tunnel_addr=local_tunnel,
+                local_audit=_in_process_audit(plane),
             )
             services.append(("db", agent.run))
         if "proxy" in plan.roles:
@@ -156,6 +159,16 @@ def _local_token(data_dir: Path, roles: list[str]) -> str | None:
         return None
     token, _ = TokenStore(data_dir).add(needed, ttl=timedelta(minutes=10), single_use=False)  # type: ignore[arg-type]
     return token
+
+
+def _in_process_audit(
+    plane: ControlPlane | None,
+) -> Callable[[str], Callable[[bytes], Awaitable[AuditAck]]] | None:
+    """The local agent's audit batches go straight to this process's audit store."""
+    if plane is None or plane.api is None:
+        return None
+    store = plane.api.audit
+    return lambda host_id: in_process_post(store, host_id)
 
 
 def _in_process_api(plane: ControlPlane | None):  # type: ignore[no-untyped-def]

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from control.audit_store import search_log, verify_log
-from dataplane.audit import AuditShipper
+from control.audit_store import AuditStore, in_process_post, search_log, verify_log
+from dataplane.audit import AuditShipper, SendJson
 from schemas.api import AuditAck, AuditBatch
 from tests.api.conftest import ApiCluster, Creds, api_settings, start_api_cluster
 from tests.audit.conftest import AUDIT_PATH, numbered_events
 from transport import tls
-from transport.http import HttpClient
+from transport.http import ApiError, HttpClient
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,33 @@ def test_a_shipper_delivers_over_mtls(cluster: ApiCluster, tmp_path: Path) -> No
     wanted = {e.id for e in events}
     stored = [e.id for e in search_log(cluster.data_dir / "audit") if e.id in wanted]
     assert stored == [e.id for e in events]
+
+
+def test_an_agent_in_the_control_planes_process_stores_without_http(tmp_path: Path) -> None:
+    """`teleport start --roles=auth,db`: the local agent's shipper posts straight to the
+    audit store (`in_process_post`), named as its sender; a body the endpoint would refuse
+    with 400 is refused the same way and kept aside in rejected.jsonl, the rest stored."""
+    store = AuditStore(tmp_path / "audit")
+    events = numbered_events(5)
+
+    async def main() -> AuditShipper:
+        post = in_process_post(store, "local-agent")
+        with pytest.raises(ApiError) as refused:
+            await post(b'{"events": [{"type": "db.session.query"}]}')
+        assert refused.value.status == 400
+        shipper = AuditShipper(SendJson(post), tmp_path / "spool", interval=0.02)
+        await shipper.start()
+        for event in events:
+            shipper.emit(event)
+        assert await shipper.flush()
+        assert await shipper.close()
+        return shipper
+
+    shipper = asyncio.run(main())
+    assert shipper.stats.delivered == 5 and shipper.stats.rejected == 0
+    records = [json.loads(line) for path in sorted((tmp_path / "audit").glob("*.jsonl"))
+               for line in path.read_bytes().splitlines()]
+    assert [(r["event"]["id"], r["from"]) for r in records] == [
+        (e.id, "local-agent") for e in events
+    ]
+    assert verify_log(tmp_path / "audit").ok
