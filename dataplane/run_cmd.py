@@ -201,4 +201,7 @@ def run(args: argparse.Namespace) -> int:
     except RunError as exc:
         print(f"teleport-agent: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a port in use, a data dir that cannot be written...
+        print(f"teleport-agent: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0

@@ -26,6 +26,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -194,8 +195,28 @@ ssh_service:
 
     # -- the steps -----------------------------------------------------------------------
 
+    def check_ports(self) -> None:
+        """Every port the demo listens on is free, before anything (the data dir of a demo
+        that runs there already included) is touched."""
+        p = self.port
+        uses = {p: "the proxy's web port", p + 1: "the tunnel port",
+                p + 2: "the control plane's API", p + 3: "the demo's PostgreSQL"}
+        for port, what in uses.items():
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError as exc:
+                    raise DemoFailed(
+                        f"port {port} ({what}) is in use ({exc.strerror}): another teleport "
+                        f"demo or program listens there. Stop it, or give the demo other "
+                        f"ports: teleport demo --port={p + 1000} --data-dir=<another "
+                        f"directory> (it uses --port and the three ports after it)"
+                    ) from None
+
     async def run(self, stop: asyncio.Event) -> None:
         started = time.monotonic()
+        self.check_ports()
         self.fresh_data_dir()
         config = self.config()
         plan = Plan(
@@ -372,6 +393,9 @@ def run(args: argparse.Namespace) -> int:
                 say("\nsmoke test passed")
         except (DemoFailed, StartError) as exc:
             say(f"\nteleport demo: FAILED: {exc}")
+            code = 1
+        except OSError as exc:  # a port taken after check_ports, a disk that is full...
+            say(f"\nteleport demo: FAILED: {exc.strerror or exc}")
             code = 1
         finally:
             stop.set()

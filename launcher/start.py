@@ -189,10 +189,15 @@ async def serve(plan: Plan, stop: asyncio.Event) -> None:
     stopper = asyncio.create_task(stop.wait(), name="stop")
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
-    failed = [t for t in done if t is not stopper and t.exception() is not None]
-    await asyncio.gather(*tasks, return_exceptions=True)
-    if failed:
-        raise failed[0].exception()  # type: ignore[misc]
+    # A failing role sets `stop` itself, so its failure is looked for in every result, not
+    # only in what finished first.
+    first = [t for t in done if t is not stopper]
+    results = await asyncio.gather(*first, *(t for t in tasks if t not in done),
+                                   return_exceptions=True)
+    stopper.cancel()
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,5 +225,8 @@ def run(args: argparse.Namespace) -> int:
     except StartError as exc:
         print(f"teleport: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a port in use, a data dir that cannot be written...
+        print(f"teleport: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     log.info("stopped")
     return 0

@@ -67,3 +67,27 @@ def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "was not made by teleport demo" in proc.stdout
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_a_port_in_use_is_named_before_anything_is_touched(tmp_path: Path) -> None:
+    """A second demo on the same ports (the first one still running) gets a clear error,
+    and the data dir it would have wiped is left as it is."""
+    base = _free_block()
+    data = tmp_path / "demo"
+    data.mkdir()
+    (data / ".teleport-demo").write_text("made by teleport demo; wiped at its next start\n")
+    (data / "still-running.txt").write_text("the first demo's data")
+    teleport = Path(sys.executable).with_name("teleport")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", base + 2))
+        busy.listen()
+        proc = subprocess.run(
+            [str(teleport), "demo", "--smoke", "--data-dir", str(data), "--port", str(base)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    assert f"port {base + 2} (the control plane's API) is in use" in out
+    assert f"--port={base + 1000}" in out
+    assert (data / "still-running.txt").read_text() == "the first demo's data"

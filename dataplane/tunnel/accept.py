@@ -35,9 +35,10 @@ def bind_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
         sock.bind(address)
         sock.listen(backlog)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from None
     return sock
 
 
