@@ -673,14 +673,23 @@ proxy_service:
         )
         return time.monotonic() - started
 
-    def wait_agent_has_policy_in_force(self, timeout: float = 20.0) -> int:
-        """Wait until the agent activated the bundle the control plane has in force (a
-        `tctl users add` reaches it a moment after the commit); its serial."""
-        assert self.agent is not None
-        found = re.search(r"In force:\s+serial (\d+)", self.tctl("status").stdout)
-        assert found is not None, "tctl status names no bundle in force"
-        self.agent.wait_log(rf"bundle serial {found.group(1)} \(.*is in force", 0, timeout)
-        return int(found.group(1))
+    def wait_agent_has_policy_in_force(self, timeout: float = 30.0) -> int:
+        """Wait until every proxy and agent of the cluster reports the bundle the control
+        plane has in force (`tctl status`; a `tctl users add` reaches them a moment after
+        the commit); its serial."""
+
+        def everywhere() -> int | None:
+            status = self.tctl("status").stdout
+            serial = re.search(r"In force:\s+serial (\d+)", status)
+            hosts = re.search(r"Agents:\s+(\d+) \((\d+) on serial (\d+)\)$", status, re.M)
+            running = [s for s in self.services() if s is not self.auth and s.running()]
+            if serial and hosts and hosts.group(1) == hosts.group(2) == str(
+                len(running)
+            ) and hosts.group(3) == serial.group(1):
+                return int(serial.group(1))
+            return None
+
+        return wait_for("every proxy and agent on the bundle in force", everywhere, timeout, 0.5)
 
     def audit_events(self, *filters: str) -> list[dict[str, Any]]:
         """`tctl audit search --format json --limit 0` with `filters` (e.g. --type=...)."""

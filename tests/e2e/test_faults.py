@@ -78,6 +78,7 @@ def test_a_db_user_new_to_the_agent_gets_a_clear_error_while_the_control_plane_i
     if carol is None:
         cluster.pg.create_role("carol")
         carol = cluster.add_person("carol", ["carol"], ["postgres"])
+    cluster.wait_agent_has_policy_in_force()  # carol is in the policy every agent holds
     cluster.auth.stop()
     refused = carol.psql("-c", "select 1")
     assert refused.returncode == 2
