@@ -35,7 +35,7 @@ from control import hosted
 from control.ca import host_ca_pin
 from control.service import ControlPlane
 from launcher.embedded_postgres import EmbeddedPostgres, EmbeddedPostgresError, ServerTLS
-from launcher.services import build_services, control_settings
+from launcher.services import build_services, control_settings, run_services
 from launcher.start import Plan, StartError, install_event_loop, setup_logging
 from schemas.config import FileConfig, load_config
 
@@ -111,6 +111,7 @@ class Demo:
         for var in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE", "PGSSLMODE"):
             self.env.pop(var, None)
         self.pg: EmbeddedPostgres | None = None
+        self.services: asyncio.Task[None] | None = None  # the cluster's services, running
 
     @property
     def web(self) -> str:
@@ -272,7 +273,7 @@ ssh_service:
             f"--db-uri=localhost:{self.port + 3} --labels=env=dev"
         )
         services = await build_services(plan, plane)
-        self.tasks = [asyncio.create_task(fn(stop), name=name) for name, fn in services]
+        self.services = asyncio.create_task(run_services(services, stop), name="services")
         api = plane.api
         assert api is not None
         await self.wait_until(
@@ -381,7 +382,6 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        demo.tasks = []
         code = 0
         try:
             await demo.run(stop)
@@ -399,7 +399,8 @@ def run(args: argparse.Namespace) -> int:
             code = 1
         finally:
             stop.set()
-            await asyncio.gather(*demo.tasks, return_exceptions=True)
+            if demo.services is not None:
+                await asyncio.gather(demo.services, return_exceptions=True)
             await asyncio.to_thread(demo.cleanup)
         return code
 

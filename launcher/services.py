@@ -72,6 +72,32 @@ def _public(listen_addr: str, nodename: str) -> str:
     return f"{host}:{port}"
 
 
+async def run_services(services: list[Service], stop: asyncio.Event) -> None:
+    """Run the services until `stop` is set or one of them fails (which stops the others),
+    then raise the first failure. The control plane stops last: the proxy and the agent of
+    this process stop while it still answers, so the agent delivers its last audit events
+    and nothing logs a control plane that went away first."""
+    auth_stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run(auth_stop if name == "auth" else stop), name=name)
+        for name, run in services
+    ]
+    stopper = asyncio.create_task(stop.wait(), name="stop")
+    await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    # A failing role sets `stop` itself, so failures are looked for in every result, not
+    # only in what finished first.
+    results = await asyncio.gather(*(t for t in tasks if t.get_name() != "auth"),
+                                   return_exceptions=True)
+    auth_stop.set()
+    results += await asyncio.gather(*(t for t in tasks if t.get_name() == "auth"),
+                                    return_exceptions=True)
+    stopper.cancel()
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+
+
 async def build_services(plan: Plan, plane: ControlPlane | None = None) -> list[Service]:
     """The services of the plan, started far enough for each other to use: the control
     plane's API listens before this process's proxy and agent join it. `plane`: a control

@@ -182,22 +182,9 @@ def install_event_loop() -> None:
 
 async def serve(plan: Plan, stop: asyncio.Event) -> None:
     """Run every role of the plan until `stop` is set or one of them fails."""
-    from launcher.services import build_services  # noqa: PLC0415 - keeps --help fast
+    from launcher.services import build_services, run_services  # noqa: PLC0415 - fast --help
 
-    services = await build_services(plan)
-    tasks = [asyncio.create_task(run(stop), name=name) for name, run in services]
-    stopper = asyncio.create_task(stop.wait(), name="stop")
-    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    stop.set()
-    # A failing role sets `stop` itself, so its failure is looked for in every result, not
-    # only in what finished first.
-    first = [t for t in done if t is not stopper]
-    results = await asyncio.gather(*first, *(t for t in tasks if t not in done),
-                                   return_exceptions=True)
-    stopper.cancel()
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
+    await run_services(await build_services(plan), stop)
 
 
 def run(args: argparse.Namespace) -> int:
