@@ -26,6 +26,7 @@ from schemas.policy.models import (
     Duration,
     HostPort,
     PolicyValueError,
+    rds_endpoint,
     split_host_port,
 )
 
@@ -216,7 +217,7 @@ class DatabaseConfig(ConfigModel):
     @model_validator(mode="after")
     def _rds_needs_region(self) -> DatabaseConfig:
         host, _ = split_host_port(self.uri)
-        if host.endswith(".rds.amazonaws.com") and self.aws is None:
+        if rds_endpoint(host) and self.aws is None:
             raise PolicyValueError(
                 f"{host} is an AWS RDS/Aurora endpoint: set aws.region (or --db-aws-region) "
                 "so the agent can sign IAM authentication tokens",

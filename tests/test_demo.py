@@ -7,23 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def _free_block(size: int = 4) -> int:
-    """A base port with `size` free ports after it (the demo uses four)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + size > 65535:
-            continue
-        try:
-            for port in range(base, base + size):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no block of free ports")
+from tests.ports import free_port_block
 
 
 def test_demo_smoke_reaches_psql_through_the_proxy(tmp_path: Path) -> None:
@@ -36,7 +20,7 @@ def test_demo_smoke_reaches_psql_through_the_proxy(tmp_path: Path) -> None:
             "--data-dir",
             str(tmp_path / "demo"),
             "--port",
-            str(_free_block()),
+            str(free_port_block(4)),
         ],
         capture_output=True,
         text=True,
@@ -72,7 +56,7 @@ def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
 def test_a_port_in_use_is_named_before_anything_is_touched(tmp_path: Path) -> None:
     """A second demo on the same ports (the first one still running) gets a clear error,
     and the data dir it would have wiped is left as it is."""
-    base = _free_block()
+    base = free_port_block(4)
     data = tmp_path / "demo"
     data.mkdir()
     (data / ".teleport-demo").write_text("made by teleport demo; wiped at its next start\n")

@@ -48,13 +48,13 @@ from tests.docs.harness import (
     PageRun,
     Shell,
     Substitutions,
-    free_port_block,
     line_matches,
     missing_lines,
     parse_blocks,
     parse_commands,
     postgres_area,
 )
+from tests.ports import free_port_block
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -9,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_demo import _free_block
+from tests.ports import free_port_block
 
 TELEPORT = Path(sys.executable).with_name("teleport")
 
 
 def test_a_web_port_in_use_is_named_and_the_process_fails(tmp_path: Path) -> None:
-    base = _free_block(3)
+    base = free_port_block(3)
     auth, web, tunnel = base, base + 1, base + 2
     config = tmp_path / "teleport.yaml"
     config.write_text(

@@ -52,7 +52,7 @@ from dataplane.aws.errors import (
     RegionMissing,
 )
 from schemas.bundle import BundleDatabase
-from schemas.policy.models import AWS_REGION_RE, split_host_port
+from schemas.policy.models import AWS_REGION_RE, RDS_ENDPOINT_SUFFIXES, split_host_port
 
 __all__ = [
     "RDS_ENDPOINT_SUFFIXES",
@@ -67,7 +67,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TOKEN_LIFETIME_SECONDS = 900  # what generate_db_auth_token signs, and what RDS accepts
-RDS_ENDPOINT_SUFFIXES = (".rds.amazonaws.com", ".rds.amazonaws.com.cn")
 DEFAULT_RETRY_AFTER = 5.0
 
 # botocore's SigV4 signer logs the canonical request, the string to sign and the signature

@@ -287,6 +287,14 @@ def split_host_port(value: str) -> tuple[str, int]:
 
 HostPort = Annotated[str, AfterValidator(_check_host_port), Field(examples=["db.example.com:5432"])]
 
+# Host names of AWS RDS and Aurora endpoints (the commercial and the China partitions).
+RDS_ENDPOINT_SUFFIXES = (".rds.amazonaws.com", ".rds.amazonaws.com.cn")
+
+
+def rds_endpoint(host: str) -> bool:
+    """Whether `host` is an RDS/Aurora endpoint name (any case, a final dot allowed)."""
+    return host.lower().rstrip(".").endswith(RDS_ENDPOINT_SUFFIXES)
+
 
 class DatabaseAWS(StrictModel):
     """AWS RDS/Aurora settings: the agent signs IAM authentication tokens."""
@@ -342,7 +350,7 @@ class DatabaseSpec(StrictModel):
     @model_validator(mode="after")
     def _rds_needs_region(self) -> DatabaseSpec:
         host, _ = split_host_port(self.uri)
-        if host.endswith(".rds.amazonaws.com") and self.aws is None:
+        if rds_endpoint(host) and self.aws is None:
             raise PolicyValueError(
                 f"{host} is an AWS RDS/Aurora endpoint: set spec.aws.region so the agent "
                 "can sign IAM authentication tokens",

@@ -563,26 +563,6 @@ class CommandFailed(AssertionError):
     """A command of the page failed, or did not show what the page says it shows."""
 
 
-def free_port_block(size: int) -> int:
-    """A base port with `size` free loopback ports from it."""
-    import socket  # noqa: PLC0415 - only here
-
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + size > 65535:
-            continue
-        try:
-            for port in range(base, base + size):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no block of free ports")
-
-
 @contextlib.contextmanager
 def postgres_area(prefix: str) -> Iterator[Path]:
     """A directory under /tmp that the postgres OS user can reach (0711 all the way), for a
