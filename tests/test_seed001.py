@@ -76,7 +76,10 @@ def shell(tmp_path: Path) -> Shell:
 @pytest.fixture
 def cluster(tmp_path: Path, shell: Shell) -> Iterator[subprocess.Popen[str]]:
     if not _ports_free(3080, 3024, 3025):
-        pytest.fail("seed 001 uses ports 3080, 3024 and 3025: something else holds one")
+        pytest.fail(
+            "seed 001 uses ports 3080, 3024 and 3025 and something else holds one: if it is "
+            "the quick start (make quickstart, teleport demo), stop it with Ctrl-C first"
+        )
     pg_port = free_tcp_port()
     # Step 2/3 of the seed, with a local PostgreSQL instead of the Aurora endpoint.
     proc = subprocess.Popen(
