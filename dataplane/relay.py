@@ -9,8 +9,8 @@ source transport stops reading until `resume_writing`; nothing here buffers with
 
 `terminate(fatal)` ends a live session cleanly: the ErrorResponse goes to the client at the
 next message boundary of the server-to-client stream (finishing the message in flight
-first), then both sides are closed. `last_from_client` (time.monotonic) is when the client
-last sent a byte, for an idle timeout.
+first), then both sides are closed. `bytes_from_client` and `bytes_from_server` count what
+each side sent (an idle timeout samples the first; the copy notes nothing else per chunk).
 
 `Inbox` is the protocol a connection runs before a relay takes it over (TLS upgrade,
 startup packets, tunnel frames, upstream login): it collects bytes for one awaiting task,
@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from time import monotonic
 from typing import Any
 
 from dataplane.postgres import MessageScanner, ProtocolError, ScannedMessage
@@ -213,7 +212,6 @@ class Relay:
         self._server_end = _End(self, False)
         self.bytes_from_client = 0
         self.bytes_from_server = 0
-        self.last_from_client = monotonic()  # when the client last sent bytes (idle timeout)
         self.close_reason = ""
         self._closing = False
         self._closed_reported = False
@@ -267,7 +265,6 @@ class Relay:
             return
         self.server.write(data)
         self.bytes_from_client += len(data)
-        self.last_from_client = monotonic()
         scanner = self.client_scanner
         if scanner is not None:
             try:

@@ -49,6 +49,8 @@ class Session:
     expiry_timer: asyncio.TimerHandle | None = None
     idle_timeout: float | None = None  # seconds without a byte from the client; None: never
     idle_timer: asyncio.TimerHandle | None = None
+    idle_bytes: int = 0  # relay.bytes_from_client at the idle timer's last look
+    idle_since: float = 0.0  # loop time from which the client counts as silent
     ending: str = ""  # why we are terminating it, once we are
     on_end: list[Callable[[Session], None]] = field(default_factory=list)
 
