@@ -953,13 +953,7 @@ def audit_events_handler(
     async def handle(request: Request) -> Response:
         sender = authenticate(request)
         try:
-            accepted, duplicates = await asyncio.to_thread(
-                store.append_body, request.body, sender
-            )
-        except pydantic.ValidationError as exc:
-            raise _refusal(exc) from None
-        except ValueError as exc:
-            raise ApiError(400, "invalid_event", str(exc)) from None
+            ack = await in_process_post(store, sender)(request.body)
         except AuditStoreError as exc:
             log.error("audit batch from %s not stored: %s", sender, exc)
             raise ApiError(
@@ -967,7 +961,7 @@ def audit_events_handler(
                 "the control plane cannot write its audit log now; keep the events and "
                 "send them again later",
             ) from None
-        return json_response(AuditAck(accepted=accepted, duplicates=duplicates))
+        return json_response(ack)
 
     return handle
 
@@ -975,11 +969,11 @@ def audit_events_handler(
 def in_process_post(
     store: AuditStore, sender: str
 ) -> Callable[[bytes], Awaitable[AuditAck]]:
-    """`POST /v1/audit/events` without the HTTP: for a db agent in the control plane's own
-    process (`teleport start --roles=auth,db`), which has no TLS leg to cross. The body is
-    validated and stored exactly as the endpoint does; a refused body raises an error with
-    `status` 400 (the shipper keeps its events aside), a store that cannot write raises
-    AuditStoreError (the shipper spools and retries)."""
+    """Store one batch body from `sender`: what `POST /v1/audit/events` does once the caller
+    is authenticated, and all of it for a db agent in the control plane's own process
+    (`teleport start --roles=auth,db`), which has no TLS leg to cross. A refused body raises
+    ApiError 400 (the shipper keeps its events aside), a store that cannot write raises
+    AuditStoreError (the endpoint answers 503; the shipper spools and retries)."""
 
     async def post(body: bytes) -> AuditAck:
         try:

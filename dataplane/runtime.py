@@ -171,9 +171,7 @@ async def build_proxy(
     if config.postgres_public_addr:
         public.append(config.postgres_public_addr)
     dns, ips = certificate_names(public, join.nodename)
-    tunnel_public = config.tunnel_public_addr or _public_addr(
-        config.tunnel_listen_addr, join.nodename
-    )
+    tunnel_public = tunnel_public_addr(config, join.nodename)
     lock_fd = _claim(join.data_dir / "proxy", "proxy")
     link = await _released_on_error(
         lock_fd,
@@ -189,7 +187,7 @@ async def build_proxy(
             nodename=join.nodename,
             public_addr=public[0]
             if public
-            else _public_addr(config.web_listen_addr, join.nodename),
+            else public_addr(config.web_listen_addr, join.nodename),
             tunnel_addr=tunnel_public,
         ),
     )
@@ -206,6 +204,12 @@ async def build_proxy(
     )
     link.renewer.subscribe(service.update_credentials)
     return Node("proxy", link, service, lock_fd=lock_fd)
+
+
+def tunnel_public_addr(config: ProxyConfig, nodename: str | None) -> str:
+    """Where agents dial this proxy's tunnel: what the proxy registers, what the control
+    plane lists, and what an agent in the same process skips (it is handed sessions)."""
+    return config.tunnel_public_addr or public_addr(config.tunnel_listen_addr, nodename)
 
 
 def idle_timeout(config: ProxyConfig) -> float | None:
@@ -265,9 +269,9 @@ async def build_agent(
     )
 
     def bundle_activated(bundle: object) -> None:
+        # (the link pokes its heartbeat on every activation: the served list goes with it)
         if catalog is not None and catalog.bundle_activated(bundle):  # type: ignore[arg-type]
             agent.labels_changed()
-            link.heartbeat.poke()
 
     if link.feed.current is not None:
         catalog.bundle_activated(link.feed.current)
@@ -284,7 +288,8 @@ def _without(addrs: Sequence[str], own: str | None) -> list[str]:
     return [a for a in addrs if a != own]
 
 
-def _public_addr(listen_addr: str, nodename: str | None) -> str:
+def public_addr(listen_addr: str, nodename: str | None) -> str:
+    """A listen address as others dial it: 0.0.0.0 / :: become this host's name."""
     host, port = split_host_port(listen_addr)
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
         host = nodename or socket.gethostname()

@@ -20,11 +20,12 @@ from dataplane.runtime import (
     NodeBusy,
     build_agent,
     build_proxy,
+    public_addr,
+    tunnel_public_addr,
 )
 from launcher.start import Plan, StartError
 from schemas.api import AuditAck
 from schemas.durations import parse_duration
-from schemas.policy.models import split_host_port
 
 Service = tuple[str, Callable[[asyncio.Event], Awaitable[None]]]
 
@@ -44,9 +45,9 @@ def control_settings(plan: Plan) -> ControlSettings:
     else:
         source = SourceSettings(kind="local", path=repo, branch=auth.policy.branch)
     proxy = plan.config.proxy_service
-    tunnel = proxy.tunnel_public_addr or _public(proxy.tunnel_listen_addr, plan.nodename)
+    tunnel = tunnel_public_addr(proxy, plan.nodename)
     proxy_addrs = list(proxy.public_addr) or (
-        [_public(proxy.web_listen_addr, plan.nodename)] if "proxy" in plan.roles else []
+        [public_addr(proxy.web_listen_addr, plan.nodename)] if "proxy" in plan.roles else []
     )
     return ControlSettings(
         cluster_name=plan.cluster_name,
@@ -62,14 +63,6 @@ def control_settings(plan: Plan) -> ControlSettings:
             second_factor=auth.authentication.second_factor,
         ),
     )
-
-
-def _public(listen_addr: str, nodename: str) -> str:
-    """A listen address as others dial it: 0.0.0.0 / :: become this host's name."""
-    host, port = split_host_port(listen_addr)
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
-        host = nodename
-    return f"{host}:{port}"
 
 
 async def run_services(services: list[Service], stop: asyncio.Event) -> None:
@@ -146,9 +139,7 @@ async def build_services(plan: Plan, plane: ControlPlane | None = None) -> list[
 
     proxy_config = plan.config.proxy_service
     local_tunnel = (
-        proxy_config.tunnel_public_addr or _public(proxy_config.tunnel_listen_addr, plan.nodename)
-        if "proxy" in plan.roles
-        else None
+        tunnel_public_addr(proxy_config, plan.nodename) if "proxy" in plan.roles else None
     )
     try:
         agent = None
@@ -174,8 +165,8 @@ async def build_services(plan: Plan, plane: ControlPlane | None = None) -> list[
 
 
 def _local_token(data_dir: Path, roles: list[str]) -> str | None:
-    """A single-use join token for this process's own proxy and agent, minted only when
-    they have no valid earlier join to load."""
+    """A join token (valid 10 minutes, usable by both) for this process's own proxy and
+    agent, minted only when they have no valid earlier join to load."""
     needed = []
     for role in roles:
         creds = load_credentials(data_dir / role, role)  # type: ignore[arg-type]

@@ -31,7 +31,6 @@ from schemas.api import (
     API_PREFIX,
     BUNDLE_WAIT_MAX_S,
     AuditAck,
-    AuditBatch,
     DbClientCert,
     DbClientCertRequest,
     Heartbeat,
@@ -147,13 +146,10 @@ class ControlPlaneClient:
     async def heartbeat(self, beat: Heartbeat) -> HeartbeatAck:
         return await self._call("POST", "/heartbeat", HeartbeatAck, beat)
 
-    async def send_audit(self, batch: AuditBatch) -> AuditAck:
-        """Deliver audit events; a refusal (4xx) raises ControlPlaneRefused with `status`."""
-        return await self._call("POST", "/audit/events", AuditAck, batch)
-
     async def send_audit_json(self, body: bytes) -> AuditAck:
-        """`send_audit` for a batch already encoded: `body` is the JSON of an AuditBatch
-        (the shipper joins the events' JSON, each serialized once), posted as it is."""
+        """Deliver audit events already encoded: `body` is the JSON of an AuditBatch
+        (the shipper joins the events' JSON, each serialized once), posted as it is. A
+        refusal (4xx) raises ControlPlaneRefused with `status`."""
         return await self._call("POST", "/audit/events", AuditAck, raw=body)
 
     async def fetch_bundle(self, after: int, wait: float) -> bytes | None:

@@ -40,6 +40,7 @@ from dataplane.proxy.cancel import CancelKeys
 from dataplane.proxy.listener import PeekListener
 from dataplane.proxy.postgres import LocalAgentLike, PostgresFrontend
 from dataplane.relay import Inbox, Relay
+from dataplane.tunnel.accept import address_text
 from dataplane.tunnel.hosts import AuditSink, BundleSourceLike, HostCredentialsLike, TlsContexts
 from dataplane.tunnel.server import TunnelServer
 from transport.http import HttpServer, Request, Response, error_response
@@ -95,12 +96,10 @@ class ApiForwarder:
         )
 
     async def _answer_unreachable(self, request: Request) -> Response:
-        host, port = self.upstream
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return error_response(
             503,
             "control_plane_unreachable",
-            f"the control plane (auth service) at {where} cannot be "
+            f"the control plane (auth service) at {address_text(self.upstream)} cannot be "
             f"reached from the proxy ({self._last_error}): logins, signups and new "
             "certificates wait until it is back; database sessions with certificates you "
             "already have keep working",

@@ -22,7 +22,6 @@ nothing here ever prints or logs a key.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dataplane.tsh.errors import SESSION_EXPIRED, TshError, UsageError
-from transport.files import write_private
+from transport.files import exclusive_lock, write_private
 
 DEFAULT_HOME = "~/.tsh"
 CURRENT = "current-profile"
@@ -214,12 +213,8 @@ class ProfileStore:
     def locked(self) -> Iterator[None]:
         """Hold the home's lock: one tsh at a time changes profiles and pg_service.conf."""
         _ensure_private_dir(self.home)
-        fd = os.open(self.home / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive_lock(self.home / LOCK):
             yield
-        finally:
-            os.close(fd)
 
     def names(self) -> list[str]:
         root = self.home / PROFILES

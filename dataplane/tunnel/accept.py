@@ -37,8 +37,9 @@ def bind_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from None
+        raise OSError(
+            exc.errno, f"cannot listen on {address_text((host, port))}: {exc.strerror or exc}"
+        ) from None
     return sock
 
 
