@@ -217,12 +217,9 @@ class PostgresEngine:
         if latest is not None and latest is not bundle:
             # A bundle was activated during the login: its re-check did not see this session
             # yet, so decide again under it before the first byte is relayed.
-            try:
-                self.identities.verify(der, latest.cas.user, self._now(), "db")
-                again = decide(latest, self._request(identity, start.service, db_user, db_name))
-                why = None if again.allowed else again.reason
-            except IdentityError as exc:
-                why = f"the client certificate was refused: {exc}"
+            cas = self.identities.trusted(latest.cas.user) if latest.cas.user else []
+            why = self._refusal(latest, cas, identity, der, self._now(), start.service,
+                                db_user, db_name)
             if why is not None:
                 upstream.transport.abort()
                 refuse(
@@ -432,21 +429,26 @@ class PostgresEngine:
         return ended
 
     def _still_allowed(self, session: Session, bundle: Bundle, cas: list[Any]) -> str | None:
-        """None if the session may go on under `bundle`, else why not."""
-        if bundle.cluster.name != session.identity.cluster:
+        """None if the session may go on under `bundle`, else why not. The chain must still
+        lead to a user CA of the new bundle (a CA rotated out ends its sessions); expiry is
+        checked separately, by policy."""
+        return self._refusal(bundle, cas, session.identity, session.certificate,
+                             session.verified_at, session.service, session.db_user,
+                             session.db_name)
+
+    def _refusal(self, bundle: Bundle, cas: list[Any], identity: Identity, certificate: bytes,
+                 at: datetime, service: str, db_user: str, db_name: str) -> str | None:
+        """Why `identity` (with `certificate`, verified as of `at`) may not use `service`
+        as `db_user`/`db_name` under `bundle`, whose user CAs are `cas`; None if it may."""
+        if bundle.cluster.name != identity.cluster:
             return f"the bundle in force is for cluster {bundle.cluster.name!r}"
-        if session.spec.name not in self.databases.served():
-            return f"this agent no longer serves database {session.service!r}"
+        if service not in self.databases.served():
+            return f"this agent no longer serves database {service!r}"
         try:
-            # The chain must still lead to a user CA of the new bundle (a CA rotated out
-            # ends its sessions); expiry is checked separately, by policy.
-            verify_identity(session.certificate, cas, session.verified_at, "db")
+            verify_identity(certificate, cas, at, "db")
         except IdentityError as exc:
             return f"its certificate is no longer trusted: {exc}"
-        decision = decide(
-            bundle,
-            self._request(session.identity, session.service, session.db_user, session.db_name),
-        )
+        decision = decide(bundle, self._request(identity, service, db_user, db_name))
         return None if decision.allowed else decision.reason
 
     async def cancel(self, process_id: int, secret_key: int) -> bool:
