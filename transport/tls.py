@@ -14,10 +14,9 @@ Certificates and keys are given as PEM `bytes` (content) or as a `str`/`os.PathL
 path). The ssl module loads keys only from files, so PEM content is written to a fresh 0700
 temporary directory as 0600 files, loaded, and deleted before the builder returns.
 
-The peer's chain: Python 3.13+ returns the verified chain (`get_verified_chain`); on 3.11
-and 3.12 only the peer's leaf certificate is available. That is enough: the caller then
-passes the leaf to `schemas.identity.verify_identity` with its CA bundle, which looks up the
-issuing CA by the leaf's issuer name and checks the signature itself.
+The peer's certificate (`peer_certificate`) is its leaf only (all that Python before 3.13
+gives): the caller passes it to `schemas.identity.verify_identity` with its CA bundle, which
+looks up the issuing CA by the leaf's issuer name and checks the signature itself.
 
 This module never logs certificates or keys, never turns verification off, and never
 accepts a protocol older than TLS 1.2.
@@ -32,7 +31,6 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -216,19 +214,11 @@ def _ssl_object(conn: Any) -> ssl.SSLObject | ssl.SSLSocket | None:
     raise TypeError(f"expected an SSLObject, SSLSocket or asyncio transport, got {conn!r}")
 
 
-def peer_chain(conn: Any) -> list[x509.Certificate]:
-    """The certificates the peer presented, leaf first; [] if it presented none.
-
-    On Python 3.13+ this is the chain OpenSSL verified; before 3.13 it is only the leaf
-    (see the module docstring). Either way, feed it to `verify_identity`.
-    """
+def peer_certificate(conn: Any) -> bytes | None:
+    """The DER of the certificate the peer presented (an SSLObject, SSLSocket or asyncio
+    transport), or None if it presented none. Feed it to `verify_identity` with the CAs."""
     obj = _ssl_object(conn)
     if obj is None:
-        return []
-    verified = getattr(obj, "get_verified_chain", None)
-    if verified is not None:
-        ders = [item for item in verified() or [] if isinstance(item, bytes)]
-        if ders:
-            return [x509.load_der_x509_certificate(d) for d in ders]
+        return None
     der = obj.getpeercert(binary_form=True)
-    return [x509.load_der_x509_certificate(der)] if der else []
+    return bytes(der) if der else None

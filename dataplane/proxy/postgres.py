@@ -67,12 +67,12 @@ from dataplane.tunnel.hosts import (
     BundleSourceLike,
     IdentityCache,
     TlsContexts,
-    peer_certificate,
 )
 from dataplane.tunnel.routing import TargetRefused, resolve_target
 from dataplane.tunnel.server import AgentUnavailable, SessionRefused, TunnelServer
 from schemas.audit import SessionStartEvent
 from schemas.identity import Identity, IdentityError
+from transport.tls import peer_certificate
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,12 @@ from schemas.identity import (
     load_certificates,
     verify_identity,
 )
-from transport.tls import ResumingClientContext, resuming_client_context, server_context
+from transport.tls import (
+    ResumingClientContext,
+    peer_certificate,
+    resuming_client_context,
+    server_context,
+)
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME. The PostgreSQL-facing TLS layer lets an expired
 # client certificate through the handshake so that the proxy can answer with a postgres
@@ -110,15 +115,6 @@ def host_cas(credentials: HostCredentialsLike, bundle: Bundle | None) -> list[by
     if bundle is not None:
         out.extend(pem.encode() for pem in bundle.cas.host if pem.encode() not in out)
     return out
-
-
-def peer_certificate(transport: Any) -> bytes | None:
-    """The DER of the certificate the peer of a TLS transport presented, if any."""
-    ssl_object = transport.get_extra_info("ssl_object")
-    if ssl_object is None:
-        return None
-    der = ssl_object.getpeercert(binary_form=True)
-    return bytes(der) if der else None
 
 
 class IdentityCache:

@@ -25,9 +25,8 @@ import uvloop
 from control.ca import ClusterCAs
 from dataplane.proxy.client_tls import ServerTls, TlsHandshakeFailed, accept_tls
 from dataplane.relay import Inbox
-from dataplane.tunnel.hosts import peer_certificate
 from tests.dataplane.support import Pki, UserCert
-from transport.tls import server_context
+from transport.tls import peer_certificate, server_context
 
 
 class Collect(asyncio.Protocol):

@@ -11,13 +11,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from control.ca import ClusterCAs, certificate_pem
 from schemas.identity import IdentityError, verify_identity
 from transport.tls import (
     client_context,
     new_private_key,
-    peer_chain,
+    peer_certificate,
     private_key_pem,
     server_context,
 )
@@ -69,9 +70,11 @@ async def serve_once(
     served = Served()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        chain = peer_chain(writer)
+        der = peer_certificate(writer)
         try:
-            identity = verify_identity(chain, [trusted.user.certificate], datetime.now(UTC), "user")
+            identity = verify_identity(
+                der or [], [trusted.user.certificate], datetime.now(UTC), "user"
+            )
             version = writer.get_extra_info("ssl_object").version()
             answer = f"hello {identity.username} over {version}"
             served.identities.append(identity.username)
@@ -113,15 +116,16 @@ def test_mtls_accepts_a_user_certificate_and_reads_its_identity(cas: ClusterCAs)
     assert served.identities == ["alice"]
 
 
-def test_peer_chain_on_this_python_holds_the_leaf(cas: ClusterCAs) -> None:
+def test_peer_certificate_is_the_leaf_the_peer_presented(cas: ClusterCAs) -> None:
     alice = user_pair(cas)
     seen: list[int] = []
 
     async def run() -> None:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            chain = peer_chain(writer)
-            seen.append(len(chain))
-            assert certificate_pem(chain[0]) == alice.cert
+            der = peer_certificate(writer)
+            assert der is not None
+            seen.append(1)
+            assert certificate_pem(x509.load_der_x509_certificate(der)) == alice.cert
             writer.close()
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=mtls_server(cas))
@@ -131,7 +135,9 @@ def test_peer_chain_on_this_python_holds_the_leaf(cas: ClusterCAs) -> None:
             "127.0.0.1", port, ssl=client, server_hostname="localhost"
         )
         # The client side sees the proxy's host certificate.
-        assert peer_chain(writer)[0].issuer == cas.host.certificate.subject
+        der = peer_certificate(writer)
+        assert der is not None
+        assert x509.load_der_x509_certificate(der).issuer == cas.host.certificate.subject
         await reader.read()
         writer.close()
         server.close()
