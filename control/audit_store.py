@@ -4,7 +4,7 @@ Layout, under `<data_dir>/audit/` (directory 0700, files 0600: queries can hold 
 
     2024-05-01.jsonl   one record per line, in the order the control plane received them
     HEAD.json          {"seq", "hash", "file"} of the last record written (rewritten per batch,
-                       through HEAD.json.tmp)
+                       through a temporary file)
     *.torn-<time>      bytes cut from the end of a file at start (a write a crash interrupted)
     RETENTION.json     where the log starts after `prune_log` removed the oldest day files
 
@@ -77,7 +77,7 @@ import pydantic
 from schemas.api import AuditAck, AuditBatch
 from schemas.audit import AuditEvent, encode_event, parse_event
 from schemas.bundle import canonical_json
-from transport.files import PRIVATE, ensure_dir, write_atomic
+from transport.files import PRIVATE, ensure_dir, fsync_dir, write_atomic
 from transport.http import (
     ApiError,
     Handler,
@@ -213,7 +213,7 @@ def prune_log(directory: Path, before: date) -> list[Path]:
     write_atomic(directory / RETENTION_FILE, json.dumps(note).encode(), PRIVATE)
     for path in old:
         path.unlink()
-    _fsync_dir(directory)
+    fsync_dir(directory)
     log.info("audit retention: removed %d day file(s) before %s; the log starts at seq %d",
              len(old), before.isoformat(), first["seq"])
     return old
@@ -399,7 +399,7 @@ class AuditStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         repair = Repair(path, line, len(torn), saved)
         self.repairs.append(repair)
         log.warning("audit log repaired at start: %s", repair)
@@ -512,15 +512,7 @@ class AuditStore:
         be the one before, which is only behind the records, as after a crash between the
         records' fsync and this; the store rewrites it from the records at start."""
         data = json.dumps({"seq": seq, "hash": digest, "file": file}).encode()
-        tmp = self.directory / (HEAD_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE)
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError(f"short write to {tmp}")
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.directory / HEAD_FILE)
+        write_atomic(self.directory / HEAD_FILE, data, PRIVATE, sync_dir=False)
 
     def _forget_old(self, today: date) -> None:
         oldest = today - timedelta(days=max(self.dedupe_window.days, 0))
@@ -536,7 +528,7 @@ class AuditStore:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
             self._day = day
             if created:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         fd = self._fd
         start = os.fstat(fd).st_size
         data = b"".join(lines)
@@ -625,14 +617,6 @@ def _scan_file(path: Path, ids: set[str] | None) -> _Scan:
                     ids.add(event_id)
     scan.size = offset
     return scan
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- verification --------------------------------------------------------------------------

@@ -24,8 +24,10 @@ def ensure_dir(path: Path, mode: int = 0o700) -> Path:
     return path
 
 
-def write_atomic(path: Path, data: bytes, mode: int = PUBLIC) -> None:
-    """Replace `path` with `data` in one step: readers see the old or the new file whole."""
+def write_atomic(path: Path, data: bytes, mode: int = PUBLIC, *, sync_dir: bool = True) -> None:
+    """Replace `path` with `data` in one step: readers see the old or the new file whole.
+    The content is synced before the rename; the directory after it unless `sync_dir` is
+    False (a crash may then leave the previous file, never a torn one)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -39,7 +41,8 @@ def write_atomic(path: Path, data: bytes, mode: int = PUBLIC) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -47,7 +50,8 @@ def write_private(path: Path, data: bytes) -> None:
     write_atomic(path, data, PRIVATE)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of `directory` (files created, renamed, removed) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
