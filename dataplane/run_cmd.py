@@ -36,6 +36,7 @@ from schemas.config import (
     resolve_data_dir,
 )
 from transport.logs import configure_logging
+from transport.process import install_event_loop, tune_gc
 
 log = logging.getLogger("teleport.agent")
 
@@ -181,12 +182,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:  # pragma: no cover
-        pass
+    install_event_loop()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -194,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         node = await build(args, config)
+        tune_gc()
         await node.run(stop)
 
     try:

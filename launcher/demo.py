@@ -36,8 +36,9 @@ from control.ca import host_ca_pin
 from control.service import ControlPlane
 from launcher.embedded_postgres import EmbeddedPostgres, EmbeddedPostgresError, ServerTLS
 from launcher.services import build_services, control_settings, run_services
-from launcher.start import Plan, StartError, install_event_loop, setup_logging
+from launcher.start import Plan, StartError, setup_logging
 from schemas.config import FileConfig, load_config
+from transport.process import install_event_loop, tune_gc
 
 MARKER = ".teleport-demo"
 CLUSTER = "root"
@@ -273,6 +274,7 @@ ssh_service:
             f"--db-uri=localhost:{self.port + 3} --labels=env=dev"
         )
         services = await build_services(plan, plane)
+        tune_gc()
         self.services = asyncio.create_task(run_services(services, stop), name="services")
         api = plane.api
         assert api is not None

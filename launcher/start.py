@@ -22,6 +22,7 @@ from pathlib import Path
 from dataplane.run_cmd import FlagError, database_from_flags
 from schemas.config import ConfigError, FileConfig, load_config, resolve_data_dir
 from transport.logs import configure_logging
+from transport.process import install_event_loop, tune_gc
 
 log = logging.getLogger("teleport")
 
@@ -172,19 +173,13 @@ def setup_logging(debug: bool, config: FileConfig | None = None) -> None:
         ) from None
 
 
-def install_event_loop() -> None:
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up, absent on some platforms
-    except ImportError:  # pragma: no cover
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 async def serve(plan: Plan, stop: asyncio.Event) -> None:
     """Run every role of the plan until `stop` is set or one of them fails."""
     from launcher.services import build_services, run_services  # noqa: PLC0415 - fast --help
 
-    await run_services(await build_services(plan), stop)
+    services = await build_services(plan)
+    tune_gc()
+    await run_services(services, stop)
 
 
 def run(args: argparse.Namespace) -> int:
