@@ -971,6 +971,23 @@ def in_process_post(
     return post
 
 
+def in_process_store(
+    store: AuditStore, sender: str
+) -> Callable[[list[tuple[str, bytes]]], Awaitable[AuditAck]]:
+    """Store events a db agent of the control plane's own process built: (event id, the
+    JSON `encode_event` gave for the validated model) pairs, not parsed again (they never
+    crossed a trust boundary). A store that cannot write raises AuditStoreError."""
+
+    async def post(entries: list[tuple[str, bytes]]) -> AuditAck:
+        try:
+            accepted, duplicates = await asyncio.to_thread(store.append_encoded, entries, sender)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_event", str(exc)) from None
+        return AuditAck(accepted=accepted, duplicates=duplicates)
+
+    return post
+
+
 def _refusal(exc: pydantic.ValidationError) -> ApiError:
     """The 400 for a body that is not a valid `AuditBatch`, saying what is wrong and where
     (never the values sent: they may hold secrets)."""

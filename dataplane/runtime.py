@@ -27,7 +27,6 @@ from dataplane.agent.interfaces import PasswordProvider
 from dataplane.audit import AuditShipper, SendJson
 from dataplane.cluster import ClusterLink
 from dataplane.proxy import ProxyService
-from schemas.api import AuditAck
 from schemas.config import DbService
 from schemas.config import ProxyService as ProxyConfig
 from schemas.durations import parse_duration
@@ -226,7 +225,7 @@ async def build_agent(
     *,
     password_provider: PasswordProvider | None = None,
     local_tunnel_addr: str | None = None,
-    local_audit: Callable[[str], Callable[[bytes], Awaitable[AuditAck]]] | None = None,
+    local_audit: Callable[[str], SendJson] | None = None,
 ) -> Node:
     """A db agent serving its configured databases and the bundle's selected ones; it dials
     every proxy the control plane lists (but `local_tunnel_addr`, its own process's proxy,
@@ -251,13 +250,13 @@ async def build_agent(
     catalog = DatabaseCatalog(config.databases, config.resources, link.labels.labels)
     assert link.db_certs is not None
     # In the control plane's own process, batches go straight to its audit store:
-    # `local_audit(host_id)` gives the post (no TLS leg that adds nothing).
-    post = (
+    # `local_audit(host_id)` says how (no TLS leg that adds nothing).
+    send = (
         local_audit(link.credentials.host_id)
         if local_audit is not None
-        else link.client.send_audit_json
+        else SendJson(link.client.send_audit_json)
     )
-    shipper = AuditShipper(SendJson(post), join.data_dir / "db" / "audit-spool")
+    shipper = AuditShipper(send, join.data_dir / "db" / "audit-spool")
     agent = AgentService(
         credentials=link.credentials,
         bundles=link.feed,

@@ -8,11 +8,12 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
-from control.audit_store import in_process_post
+from control.audit_store import in_process_post, in_process_store
 from control.ca import host_ca_pin
 from control.service import ControlPlane
 from control.settings import ApiSettings, ControlSettings, SourceSettings
 from control.tokens import TokenStore
+from dataplane.audit import SendJson
 from dataplane.cluster.identity import CredentialsError, JoinError, load_credentials
 from dataplane.runtime import (
     AgentConfigError,
@@ -24,7 +25,6 @@ from dataplane.runtime import (
     tunnel_public_addr,
 )
 from launcher.start import Plan, StartError
-from schemas.api import AuditAck
 from schemas.durations import parse_duration
 
 Service = tuple[str, Callable[[asyncio.Event], Awaitable[None]]]
@@ -178,14 +178,15 @@ def _local_token(data_dir: Path, roles: list[str]) -> str | None:
     return token
 
 
-def _in_process_audit(
-    plane: ControlPlane | None,
-) -> Callable[[str], Callable[[bytes], Awaitable[AuditAck]]] | None:
-    """The local agent's audit batches go straight to this process's audit store."""
+def _in_process_audit(plane: ControlPlane | None) -> Callable[[str], SendJson] | None:
+    """The local agent's audit batches go straight to this process's audit store; the
+    events it built itself are not parsed again."""
     if plane is None or plane.api is None:
         return None
     store = plane.api.audit
-    return lambda host_id: in_process_post(store, host_id)
+    return lambda host_id: SendJson(
+        in_process_post(store, host_id), in_process_store(store, host_id)
+    )
 
 
 def _in_process_api(plane: ControlPlane | None):  # type: ignore[no-untyped-def]

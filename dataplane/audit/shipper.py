@@ -87,9 +87,15 @@ Send = Callable[[AuditBatch], Awaitable[AuditAck]]
 @dataclass(frozen=True)
 class SendJson:
     """`send` in its cheaper form: `post(body)` posts `body`, the JSON of an `AuditBatch`
-    joined from the events' lines (each serialized once), and returns the `AuditAck`."""
+    joined from the events' lines (each serialized once), and returns the `AuditAck`.
+
+    `post_own(entries)`, when given, takes the batches of events this process built itself
+    (typed models, serialized by `encode_event`) as (event id, JSON) pairs: in the control
+    plane's own process they are stored without being parsed and validated again. Lines
+    read back from the spool always go through `post`."""
 
     post: Callable[[bytes], Awaitable[AuditAck]]
+    post_own: Callable[[list[tuple[str, bytes]]], Awaitable[AuditAck]] | None = None
 
 #: Statuses that mean "this batch will never be taken as it is" (not "try later").
 REJECT_STATUSES = frozenset({400, 413, 422})
@@ -533,7 +539,15 @@ class AuditShipper:
         try:
             async with asyncio.timeout(self.send_timeout):
                 if isinstance(self._send, SendJson):
-                    ack = await self._send.post(encode_batch(batch.lines))
+                    own = self._send.post_own
+                    if own is not None and batch.events is not None:
+                        entries = [
+                            (event.id, line[:-1])
+                            for event, line in zip(batch.events, batch.lines, strict=True)
+                        ]
+                        ack = await own(entries)
+                    else:
+                        ack = await self._send.post(encode_batch(batch.lines))
                 else:
                     ack = await self._send(AuditBatch.model_construct(events=batch.events))
         except asyncio.CancelledError:

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from control.audit_store import AuditStore, in_process_post, search_log, verify_log
+from control.audit_store import (
+    AuditStore,
+    in_process_post,
+    in_process_store,
+    search_log,
+    verify_log,
+)
 from dataplane.audit import AuditShipper, SendJson
 from schemas.api import AuditAck, AuditBatch
+from schemas.audit import encode_event
 from tests.api.conftest import ApiCluster, Creds, api_settings, start_api_cluster
 from tests.audit.conftest import AUDIT_PATH, numbered_events
 from transport import tls
@@ -104,5 +111,64 @@ def test_an_agent_in_the_control_planes_process_stores_without_http(tmp_path: Pa
                for line in path.read_bytes().splitlines()]
     assert [(r["event"]["id"], r["from"]) for r in records] == [
         (e.id, "local-agent") for e in events
+    ]
+    assert verify_log(tmp_path / "audit").ok
+
+
+def test_the_local_agents_own_events_skip_parsing_and_its_spooled_lines_do_not(
+    tmp_path: Path,
+) -> None:
+    """With `in_process_store` beside `in_process_post`, the events the local agent built
+    reach the store as the JSON it serialized them to (no second parse); lines read back
+    from its spool, which a disk could have garbled, still go through the validating post."""
+    store = AuditStore(tmp_path / "audit")
+    spooled, fresh = numbered_events(30)[:20], numbered_events(30)[20:]
+    bodies: list[bytes] = []
+    owned: list[list[tuple[str, bytes]]] = []
+
+    async def main() -> None:
+        async def away(body: bytes) -> AuditAck:
+            raise ConnectionError("the control plane is away")
+
+        first = AuditShipper(SendJson(away), tmp_path / "spool", interval=0.02)
+        await first.start()
+        for event in spooled:
+            first.emit(event)
+        await first.close()  # nothing delivered: all of it is in the spool now
+        assert first.stats.spooled == 20 and first.stats.delivered == 0
+
+        post, own = in_process_post(store, "local-agent"), in_process_store(store, "local-agent")
+
+        async def counting_post(body: bytes) -> AuditAck:
+            bodies.append(body)
+            return await post(body)
+
+        async def counting_own(entries: list[tuple[str, bytes]]) -> AuditAck:
+            owned.append(entries)
+            return await own(entries)
+
+        second = AuditShipper(
+            SendJson(counting_post, counting_own), tmp_path / "spool", interval=0.02
+        )
+        await second.start()
+        async with asyncio.timeout(10):
+            while second.stats.delivered < 20:  # the spool first (new events would queue
+                await asyncio.sleep(0.01)       # behind it, spooled too, to keep the order)
+        for event in fresh:
+            second.emit(event)
+        assert await second.flush()
+        assert await second.close()
+        assert second.stats.delivered == 30
+
+    asyncio.run(main())
+    assert bodies and all(b.startswith(b'{"events":') for b in bodies)
+    assert sum(len(e) for e in owned) == 10
+    assert [entry for batch in owned for entry in batch] == [
+        (e.id, encode_event(e)) for e in fresh
+    ]
+    records = [json.loads(line) for path in sorted((tmp_path / "audit").glob("*.jsonl"))
+               for line in path.read_bytes().splitlines()]
+    assert [(r["event"]["id"], r["from"]) for r in records] == [
+        (e.id, "local-agent") for e in spooled + fresh
     ]
     assert verify_log(tmp_path / "audit").ok
