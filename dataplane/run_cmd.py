@@ -36,7 +36,7 @@ from schemas.config import (
     resolve_data_dir,
 )
 from transport.logs import configure_logging
-from transport.process import install_event_loop, tune_gc
+from transport.process import freeze_startup_heap, install_event_loop
 
 log = logging.getLogger("teleport.agent")
 
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         node = await build(args, config)
-        tune_gc()
+        freeze_startup_heap()
         await node.run(stop)
 
     try:

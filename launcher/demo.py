@@ -38,7 +38,7 @@ from launcher.embedded_postgres import EmbeddedPostgres, EmbeddedPostgresError, 
 from launcher.services import build_services, control_settings, run_services
 from launcher.start import Plan, StartError, setup_logging
 from schemas.config import FileConfig, load_config
-from transport.process import install_event_loop, tune_gc
+from transport.process import freeze_startup_heap, install_event_loop
 
 MARKER = ".teleport-demo"
 CLUSTER = "root"
@@ -274,7 +274,7 @@ ssh_service:
             f"--db-uri=localhost:{self.port + 3} --labels=env=dev"
         )
         services = await build_services(plan, plane)
-        tune_gc()
+        freeze_startup_heap()
         self.services = asyncio.create_task(run_services(services, stop), name="services")
         api = plane.api
         assert api is not None

@@ -22,7 +22,7 @@ from pathlib import Path
 from dataplane.run_cmd import FlagError, database_from_flags
 from schemas.config import ConfigError, FileConfig, load_config, resolve_data_dir
 from transport.logs import configure_logging
-from transport.process import install_event_loop, tune_gc
+from transport.process import freeze_startup_heap, install_event_loop
 
 log = logging.getLogger("teleport")
 
@@ -178,7 +178,7 @@ async def serve(plan: Plan, stop: asyncio.Event) -> None:
     from launcher.services import build_services, run_services  # noqa: PLC0415 - fast --help
 
     services = await build_services(plan)
-    tune_gc()
+    freeze_startup_heap()
     await run_services(services, stop)
 
 

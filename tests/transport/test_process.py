@@ -1,5 +1,5 @@
-"""transport.process.tune_gc: what a service process built is frozen, young collections are
-rarer, and garbage in reference cycles is still collected (memory stays bounded)."""
+"""transport.process.freeze_startup_heap: what a service process built is kept out of later
+collections, and garbage in reference cycles made afterwards is still collected."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ ROOT = Path(__file__).parents[2]
 
 PROBE = """
 import gc, weakref
-from transport.process import GC_THRESHOLD_YOUNG, tune_gc
+from transport.process import freeze_startup_heap
 
 class Node:
     pass
 
-built = [Node() for _ in range(1000)]  # what the service built before it was tuned
-tune_gc()
-print(gc.get_threshold()[0] == GC_THRESHOLD_YOUNG, gc.get_freeze_count() >= 1000)
+built = [Node() for _ in range(1000)]  # what the service built before it was frozen
+freeze_startup_heap()
+print(gc.get_freeze_count() >= 1000, gc.isenabled())
 
 collected = []
 for _ in range(3):
@@ -26,12 +26,12 @@ for _ in range(3):
     a.other, b.other = b, a  # a cycle: refcounting alone never frees it
     weakref.finalize(a, collected.append, 1)
     del a, b
-keep = [[] for _ in range(2 * GC_THRESHOLD_YOUNG)]  # net allocations start a collection
+keep = [[] for _ in range(10 * gc.get_threshold()[0])]  # net allocations start a collection
 print(len(collected) == 3)
 """
 
 
-def test_tune_gc_freezes_what_exists_and_still_collects_cycles() -> None:
+def test_the_startup_heap_is_frozen_and_later_cycles_are_still_collected() -> None:
     done = subprocess.run(
         [sys.executable, "-c", PROBE],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=60,
