@@ -23,14 +23,12 @@ import json
 import re
 import sys
 
-from botocore.loaders import create_loader
-from botocore.regions import EndpointResolver
-
 from control.state import load_state
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
 from control.tctl.bundle_cmd import load_kept, store_and_key
 from schemas.bundle import Bundle
 from schemas.policy.models import AWS_REGION_RE
+from transport.aws_regions import partition_of, rds_regions
 
 ACCOUNT_PLACEHOLDER = "<account-id>"
 RESOURCE_PLACEHOLDER = "<resource-id>"
@@ -77,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def iam_policy(region: str, account_id: str | None, resource_id: str | None) -> dict[str, object]:
     """Seed 001's policy document for `region`, placeholders where a value is not given."""
-    partition = _resolver().get_partition_for_region(region)
+    partition = partition_of(region)
     account = account_id or ACCOUNT_PLACEHOLDER
     resource = resource_id or RESOURCE_PLACEHOLDER
     return {
@@ -90,25 +88,6 @@ def iam_policy(region: str, account_id: str | None, resource_id: str | None) -> 
             }
         ],
     }
-
-
-_RESOLVER: EndpointResolver | None = None
-
-
-def _resolver() -> EndpointResolver:
-    """botocore's endpoint data (partitions and regions), read once, no profile involved."""
-    global _RESOLVER  # noqa: PLW0603 (a read-only cache)
-    if _RESOLVER is None:
-        _RESOLVER = EndpointResolver(create_loader().load_data("endpoints"))
-    return _RESOLVER
-
-
-def _known_region(region: str) -> bool:
-    resolver = _resolver()
-    return any(
-        region in resolver.get_available_endpoints("rds", partition)
-        for partition in resolver.get_available_partitions()
-    )
 
 
 class _Refused(Exception):
@@ -131,7 +110,7 @@ def run_iam_policy(args: argparse.Namespace) -> int:
     except _Refused as exc:
         print(f"tctl: error: {exc}", file=sys.stderr)
         return 1
-    if not _known_region(region):
+    if region not in rds_regions():
         print(
             f"tctl: error: {region!r} is not an AWS region that RDS is in (as far as this "
             "boto3 knows); fix the database's spec.aws.region or --region",

@@ -41,8 +41,6 @@ from typing import Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
-from botocore.loaders import create_loader
-from botocore.regions import EndpointResolver
 
 from dataplane.aws.errors import (
     AwsAuthError,
@@ -53,6 +51,7 @@ from dataplane.aws.errors import (
 )
 from schemas.bundle import BundleDatabase
 from schemas.policy.models import AWS_REGION_RE, RDS_ENDPOINT_SUFFIXES, split_host_port
+from transport.aws_regions import rds_regions
 
 __all__ = [
     "RDS_ENDPOINT_SUFFIXES",
@@ -222,7 +221,6 @@ class RdsTokenProvider:
         self._lock = threading.Lock()
         self._session: boto3.Session | None = None
         self._clients: dict[str, Any] = {}
-        self._known_regions: frozenset[str] | None = None
         self._failure: tuple[float, Callable[[str], AwsAuthError]] | None = None
         self.credentials_method: str | None = None  # boto3's name for the source, once found
 
@@ -333,21 +331,8 @@ class RdsTokenProvider:
         self._clients.clear()
         self.credentials_method = None
 
-    # ---------------------------------------------------------------- regions
-
-    def _regions(self) -> frozenset[str]:
-        """The regions botocore's endpoint data lists for RDS, in every partition (read
-        once; independent of profiles, so a broken profile does not hide a bad region)."""
-        if self._known_regions is None:
-            resolver = EndpointResolver(create_loader().load_data("endpoints"))
-            regions: set[str] = set()
-            for partition in resolver.get_available_partitions():
-                regions.update(resolver.get_available_endpoints("rds", partition))
-            self._known_regions = frozenset(regions)
-        return self._known_regions
-
     def _check_region(self, database: str, region: str) -> None:
-        if region not in self._regions():
+        if region not in rds_regions():
             raise _unknown_region(database, region)
 
     # ---------------------------------------------------------------- messages
