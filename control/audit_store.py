@@ -979,10 +979,7 @@ def in_process_store(
     crossed a trust boundary). A store that cannot write raises AuditStoreError."""
 
     async def post(entries: list[tuple[str, bytes]]) -> AuditAck:
-        try:
-            accepted, duplicates = await asyncio.to_thread(store.append_encoded, entries, sender)
-        except ValueError as exc:
-            raise ApiError(400, "invalid_event", str(exc)) from None
+        accepted, duplicates = await asyncio.to_thread(store.append_encoded, entries, sender)
         return AuditAck(accepted=accepted, duplicates=duplicates)
 
     return post

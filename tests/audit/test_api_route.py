@@ -85,6 +85,13 @@ def test_a_shipper_delivers_over_mtls(cluster: ApiCluster, tmp_path: Path) -> No
     assert stored == [e.id for e in events]
 
 
+def stored_with_sender(directory: Path) -> list[tuple[str, str]]:
+    """(event id, sender) of every record in the log, in order, read from the raw lines."""
+    records = [json.loads(line) for path in sorted(directory.glob("*.jsonl"))
+               for line in path.read_bytes().splitlines()]
+    return [(r["event"]["id"], r["from"]) for r in records]
+
+
 def test_an_agent_in_the_control_planes_process_stores_without_http(tmp_path: Path) -> None:
     """`teleport start --roles=auth,db`: the local agent's shipper posts straight to the
     audit store (`in_process_post`), named as its sender; a body the endpoint would refuse
@@ -107,9 +114,7 @@ def test_an_agent_in_the_control_planes_process_stores_without_http(tmp_path: Pa
 
     shipper = asyncio.run(main())
     assert shipper.stats.delivered == 5 and shipper.stats.rejected == 0
-    records = [json.loads(line) for path in sorted((tmp_path / "audit").glob("*.jsonl"))
-               for line in path.read_bytes().splitlines()]
-    assert [(r["event"]["id"], r["from"]) for r in records] == [
+    assert stored_with_sender(tmp_path / "audit") == [
         (e.id, "local-agent") for e in events
     ]
     assert verify_log(tmp_path / "audit").ok
@@ -122,7 +127,8 @@ def test_the_local_agents_own_events_skip_parsing_and_its_spooled_lines_do_not(
     reach the store as the JSON it serialized them to (no second parse); lines read back
     from its spool, which a disk could have garbled, still go through the validating post."""
     store = AuditStore(tmp_path / "audit")
-    spooled, fresh = numbered_events(30)[:20], numbered_events(30)[20:]
+    events = numbered_events(30)
+    spooled, fresh = events[:20], events[20:]
     bodies: list[bytes] = []
     owned: list[list[tuple[str, bytes]]] = []
 
@@ -166,9 +172,7 @@ def test_the_local_agents_own_events_skip_parsing_and_its_spooled_lines_do_not(
     assert [entry for batch in owned for entry in batch] == [
         (e.id, encode_event(e)) for e in fresh
     ]
-    records = [json.loads(line) for path in sorted((tmp_path / "audit").glob("*.jsonl"))
-               for line in path.read_bytes().splitlines()]
-    assert [(r["event"]["id"], r["from"]) for r in records] == [
+    assert stored_with_sender(tmp_path / "audit") == [
         (e.id, "local-agent") for e in spooled + fresh
     ]
     assert verify_log(tmp_path / "audit").ok

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -51,6 +52,24 @@ async def delivered(endpoint: AuditEndpoint, count: int, timeout: float = 30.0) 
             seq = endpoint.store.last_seq if endpoint.store else None
             raise AssertionError(f"only {seq} of {count} events were stored in {timeout}s")
         await asyncio.sleep(0.02)
+
+
+async def ship_all(
+    endpoint: AuditEndpoint, form: str, spool: Path, events: list[AuditEvent], **options: Any
+) -> AuditShipper:
+    """Start `endpoint`, emit `events` through a shipper sending in `form`, flush it (all of
+    them delivered or kept aside within 10 s), then close the shipper and the endpoint."""
+    await endpoint.start()
+    send = HttpSend(endpoint.url)
+    shipper = AuditShipper(send.sender(form), spool, **options)
+    await shipper.start()
+    for event in events:
+        shipper.emit(event)
+    assert await shipper.flush(timeout=10)
+    await shipper.close()
+    await send.aclose()
+    await endpoint.stop()
+    return shipper
 
 
 def stored_ids(directory: Path) -> list[str]:
@@ -343,22 +362,11 @@ def test_an_event_the_control_plane_refuses_is_kept_aside_and_the_rest_delivered
     before, after = numbered_events(7), numbered_events(8)
     huge = query_event("select '" + "x" * 40_000 + "'")
 
-    async def main() -> AuditShipper:
-        await endpoint.start()
-        send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(form), tmp_path / "spool", batch_bytes=64 * 1024,
-                               interval=10.0, retry_min=0.02)
-        await shipper.start()
-        for event in [*before, huge, *after]:
-            shipper.emit(event)
-        assert await shipper.flush(timeout=10)
-        await shipper.close()
-        await send.aclose()
-        await endpoint.stop()
-        return shipper
-
     with caplog.at_level(logging.ERROR, logger="teleport.audit.shipper"):
-        shipper = asyncio.run(main())
+        shipper = asyncio.run(ship_all(
+            endpoint, form, tmp_path / "spool", [*before, huge, *after],
+            batch_bytes=64 * 1024, interval=10.0, retry_min=0.02,
+        ))
     assert stored_ids(tmp_path / "audit") == [e.id for e in [*before, *after]]
     (kept,) = (tmp_path / "spool" / "rejected.jsonl").read_bytes().splitlines()
     assert json.loads(kept)["id"] == huge.id
@@ -381,21 +389,8 @@ def test_an_event_over_the_size_limit_is_cut_to_fit_and_stored(
     events = [small[0], many, small[1], escaped, small[2]]
     assert all(len(encode_event(e)) > limits.max_body_bytes for e in (many, escaped))
 
-    async def main() -> AuditShipper:
-        await endpoint.start()
-        send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(form), tmp_path / "spool", **FAST)
-        await shipper.start()
-        for event in events:
-            shipper.emit(event)
-        assert await shipper.flush(timeout=10)
-        await shipper.close()
-        await send.aclose()
-        await endpoint.stop()
-        return shipper
-
     with caplog.at_level(logging.WARNING, logger="teleport.audit.shipper"):
-        shipper = asyncio.run(main())
+        shipper = asyncio.run(ship_all(endpoint, form, tmp_path / "spool", events, **FAST))
     stored = search_log(tmp_path / "audit")
     assert [e.id for e in stored] == [e.id for e in events]
     assert shipper.stats.rejected == 0 and shipper.stats.lost == 0
