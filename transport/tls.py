@@ -59,6 +59,21 @@ def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def private_key_der(key: ec.EllipticCurvePrivateKey | bytes) -> bytes:
+    """The key (or an unencrypted PEM key) as unencrypted PKCS#8 DER: the form the
+    PostgreSQL JDBC driver reads."""
+    if isinstance(key, bytes):
+        loaded = serialization.load_pem_private_key(key, None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ValueError("not an ECDSA private key")
+        key = loaded
+    return key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 # --- contexts -----------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import shlex
 import shutil
 import sys
 from collections.abc import Sequence
+from urllib.parse import quote
 
 from dataplane.tsh.client import check_certificate, public_key_pem
 from dataplane.tsh.errors import TshError, UsageError, command
@@ -85,8 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "of a database login (NAME may be left out when you are logged in to one).",
     )
     config.add_argument("name", metavar="NAME", nargs="?")
-    config.add_argument("--format", choices=["text", "json", "cmd"], default="text",
-                        help="cmd: the psql command line")
+    config.add_argument("--format", choices=["text", "json", "cmd", "jdbc"], default="text",
+                        help="cmd: the psql command line; jdbc: a URL for the PostgreSQL JDBC "
+                        "driver (its sslkey is the key as PKCS#8 DER, db/NAME.pk8)")
     config.set_defaults(func=run_config)
 
     env = dsub.add_parser(
@@ -237,6 +239,7 @@ def db_login(
         if previous is not None and previous.service_file != record.service_file:
             remove_service(previous)
         profile.write_file(profile.db_key_path(name), tls.private_key_pem(key))
+        profile.write_file(profile.db_key_der_path(name), tls.private_key_der(key))
         profile.write_file(profile.db_cert_path(name), issued.cert.encode())
         write_service(profile, record)
         profile.save_db_login(record)
@@ -365,7 +368,42 @@ def config_of(profile: Profile, record: DbLogin) -> dict[str, str]:
         "ca": params["sslrootcert"],
         "cert": params["sslcert"],
         "key": params["sslkey"],
+        "key_pk8": str(profile.db_key_der_path(record.name)),
     }
+
+
+def jdbc_url(settings: dict[str, str]) -> str:
+    """A pgjdbc URL with the same TLS settings as the pg_service.conf section. pgjdbc reads
+    its key only as PKCS#8 DER (`key_pk8`). A db user or db name the login leaves open is
+    shown as a placeholder to fill in, as in the psql line."""
+    host = settings["host"]
+    if ":" in host:
+        host = f"[{host}]"
+    query = [
+        ("user", quote(settings["user"], safe="") if settings["user"] else "<db user>"),
+        ("sslmode", settings["sslmode"]),
+        ("sslrootcert", quote(settings["ca"], safe="/")),
+        ("sslcert", quote(settings["cert"], safe="/")),
+        ("sslkey", quote(settings["key_pk8"], safe="/")),
+    ]
+    database = quote(settings["database"], safe="") if settings["database"] else "<db name>"
+    return f"jdbc:postgresql://{host}:{settings['port']}/{database}?" + "&".join(
+        f"{name}={value}" for name, value in query
+    )
+
+
+def _ensure_der_key(profile: Profile, name: str) -> None:
+    """Logins made before tsh wrote the .pk8 file get it from their PEM key."""
+    der = profile.db_key_der_path(name)
+    if der.exists():
+        return
+    try:
+        key = tls.private_key_der(profile.db_key_path(name).read_bytes())
+    except (OSError, ValueError):
+        raise TshError(
+            f"the key of database {name!r} is missing or unreadable: run `tsh db login {name}`"
+        ) from None
+    profile.write_file(der, key)
 
 
 @command
@@ -373,14 +411,22 @@ def run_config(args: argparse.Namespace) -> int:
     profile = ProfileStore().require_current()
     record = _chosen_login(profile, args.name)
     settings = config_of(profile, record)
+    if args.format in ("json", "jdbc"):
+        _ensure_der_key(profile, record.name)
     if args.format == "json":
-        print(json.dumps({**settings, "expires": record.expires.isoformat()}, indent=2))
+        print(json.dumps(
+            {**settings, "jdbc_url": jdbc_url(settings), "expires": record.expires.isoformat()},
+            indent=2,
+        ))
     elif args.format == "cmd":
         print(shlex.join(["psql", conninfo(service_params(profile, record))]))
+    elif args.format == "jdbc":
+        print(jdbc_url(settings))
     else:
         labels = [
             ("Name", "name"), ("Host", "host"), ("Port", "port"), ("User", "user"),
             ("Database", "database"), ("CA", "ca"), ("Cert", "cert"), ("Key", "key"),
+            ("JDBC key", "key_pk8"),
         ]
         for label, key in labels:
             print(f"{label + ':':<10}{settings[key]}")

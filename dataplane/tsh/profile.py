@@ -12,6 +12,7 @@ from its first byte (keys never exist with wider permissions, not even for a mom
         host-ca.pem              the host CA the proxy is verified with (psql's sslrootcert)
         user-ca.pem              the user CA (to check the certificates we are given)
         db/<name>.key            the key of a database certificate (0600)
+        db/<name>.pk8            the same key as PKCS#8 DER, for JDBC (0600)
         db/<name>.crt            the route certificate `tsh db login` got
         db/<name>.json           db user, db name, valid until, the pg_service.conf section
 
@@ -133,6 +134,10 @@ class Profile:
     def db_key_path(self, name: str) -> Path:
         return self.db_dir / f"{check_db_name(name)}.key"
 
+    def db_key_der_path(self, name: str) -> Path:
+        """The database key again, as PKCS#8 DER: pgjdbc's `sslkey` reads only that."""
+        return self.db_dir / f"{check_db_name(name)}.pk8"
+
     def db_cert_path(self, name: str) -> Path:
         return self.db_dir / f"{check_db_name(name)}.crt"
 
@@ -186,7 +191,12 @@ class Profile:
         self.write_file(self._db_record_path(record.name), data)
 
     def forget_db_login(self, name: str) -> None:
-        for path in (self._db_record_path(name), self.db_cert_path(name), self.db_key_path(name)):
+        for path in (
+            self._db_record_path(name),
+            self.db_cert_path(name),
+            self.db_key_path(name),
+            self.db_key_der_path(name),
+        ):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

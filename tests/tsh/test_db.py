@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from dataplane.tsh.pgservice import read_section, section_names
 from schemas.identity import Route, verify_identity
@@ -116,6 +117,7 @@ def test_login_to_two_databases_keeps_the_users_sections(tsh: Tsh, cluster: ApiC
     assert section_names(after_one) == ["prod", "root-aurora-staging", "root-metrics"]
     assert not (profile / "db" / "aurora.crt").exists()
     assert not (profile / "db" / "aurora.key").exists()
+    assert not (profile / "db" / "aurora.pk8").exists()
     assert tsh("db", "ls").out.splitlines()[2].startswith("aurora ")
     every = tsh("db", "logout")
     assert every.code == 0
@@ -179,11 +181,30 @@ def test_config_and_env_for_gui_clients_and_shells(tsh: Tsh, cluster: ApiCluster
     assert text[5] == f"CA:       {profile / 'host-ca.pem'}"
     assert text[6] == f"Cert:     {profile / 'db' / 'aurora.crt'}"
     assert text[7] == f"Key:      {profile / 'db' / 'aurora.key'}"
+    assert text[8] == f"JDBC key: {profile / 'db' / 'aurora.pk8'}"
+
+    # pgjdbc reads its key only as PKCS#8 DER: the same key, written 0600 at login.
+    pem = (profile / "db" / "aurora.key").read_bytes()
+    der = profile / "db" / "aurora.pk8"
+    assert stat.S_IMODE(der.stat().st_mode) == 0o600
+    assert serialization.load_der_private_key(der.read_bytes(), None).private_numbers() == \
+        serialization.load_pem_private_key(pem, None).private_numbers()
+    url = tsh("db", "config", "--format", "jdbc").out.strip()
+    assert url == (
+        f"jdbc:postgresql://127.0.0.1:{cluster.port}/postgres?user=alice&sslmode=verify-full"
+        f"&sslrootcert={profile / 'host-ca.pem'}&sslcert={profile / 'db' / 'aurora.crt'}"
+        f"&sslkey={der}"
+    )
+    # A login from before tsh wrote the DER file gets it when it is asked for.
+    der.unlink()
+    assert tsh("db", "config", "--format", "jdbc").out.strip() == url
+    assert serialization.load_der_private_key(der.read_bytes(), None) is not None
 
     as_json = json.loads(tsh("db", "config", "aurora", "--format", "json").out)
     assert as_json["host"] == "127.0.0.1" and as_json["port"] == str(cluster.port)
     assert as_json["ca"] == str(profile / "host-ca.pem")
     assert as_json["service"] == "root-aurora"
+    assert as_json["key_pk8"] == str(der) and as_json["jdbc_url"] == url
 
     cmd = shlex.split(tsh("db", "config", "--format", "cmd").out)
     assert cmd[0] == "psql"
