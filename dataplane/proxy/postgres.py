@@ -25,11 +25,12 @@ For a connection the listener classified as PostgreSQL:
    the message boundaries and audits the end).
 
 A CancelRequest (a new plain connection, as libpq sends it) whose key the proxy issued goes
-to the agent of that session; any other key cancels nothing and the client is told
-nothing, as with PostgreSQL.
+to the agent of that session, and the connection is closed once the server has been asked
+(clients wait for that close before their next statement, as PostgreSQL closes it only
+then); any other key cancels nothing and the client is told nothing, as with PostgreSQL.
 
 Never: relay a byte of a client whose certificate did not verify (nor of one whose TLS
-asked for none), answer a wrong cancel key differently from a right one, drop the alert of
+asked for none), answer a cancel key, right or wrong, with anything but a close, drop the alert of
 a failed handshake, or keep reading startup bytes past the limits.
 """
 
@@ -178,8 +179,13 @@ class PostgresFrontend:
             (inbox.transport or transport).abort()
             return
         if isinstance(packet, m.CancelRequest):
-            transport.close()
-            await self._cancel(packet, peer)
+            # Closed once the cancel has reached the server, as PostgreSQL does: clients
+            # (libpq, asyncpg) wait for that close before they go on, so that the cancel
+            # cannot land on their next statement.
+            try:
+                await self._cancel(packet, peer)
+            finally:
+                transport.close()
             return
         assert isinstance(packet, m.StartupMessage)
         try:

@@ -72,6 +72,8 @@ ACK_TIMEOUT = 2.0
 IDLE_WAIT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
 MAX_ACK_ATTEMPTS = 3
+# How long a cancel may take to reach the server through the agent (which gives up after 5 s).
+CANCEL_WAIT = 10.0
 
 
 class AgentUnavailable(Exception):
@@ -426,8 +428,19 @@ class TunnelServer:
             return OpenedSession(conn.transport, pending, conn.inbox.closed, link.host_id)
         raise AgentUnavailable(f"agent {link.host_id} has no live data connection")
 
-    async def send_cancel(self, link: AgentLink, cancel: CancelStart) -> None:
-        """Pass a CancelRequest to the agent of the session (fire and forget)."""
+    async def send_cancel(
+        self, link: AgentLink, cancel: CancelStart, wait: float = CANCEL_WAIT
+    ) -> None:
+        """Pass a CancelRequest to the agent of the session; returns when the agent has
+        delivered it (it closes the data connection once the server closed the cancel
+        connection), or after `wait` seconds."""
         conn = await self._take_idle(link)
         conn.transport.write(encode_frame(cancel))
-        conn.transport.close()
+        try:
+            async with asyncio.timeout(wait):
+                while True:  # the agent sends nothing: only its close is awaited
+                    await conn.inbox.receive()
+        except (ConnectionClosed, TimeoutError):
+            pass
+        finally:
+            conn.transport.close()

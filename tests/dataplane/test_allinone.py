@@ -21,7 +21,7 @@ from schemas.bundle import BundleDatabase
 from tests.dataplane import rawclient
 from tests.dataplane.conftest import FAST_TUNNEL, DataPath, Node, Pg, databases_for
 from tests.dataplane.support import DbCerts, Pki
-from tests.dataplane.test_cancel import wait_running
+from tests.dataplane.test_cancel import check_cancel_closes_after_delivery, held, wait_running
 from tests.fixtures.pg import run_psql
 
 pytestmark = pytest.mark.slow
@@ -139,6 +139,18 @@ def test_refusals_and_cancel_in_the_all_in_one(aio: AllInOne) -> None:
             message = session.read_message()
         assert isinstance(message, pm.ErrorResponse) and message.sqlstate == "57014"
         assert time.monotonic() - started < 1.0
+    finally:
+        session.close()
+
+
+def test_the_cancel_connection_closes_once_the_local_agent_sent_the_cancel(
+    aio: AllInOne,
+) -> None:
+    session = rawclient.connect(aio.web_port, aio.cert("alice"), aio.pki.host_ca_file, "alice",
+                                "main")
+    try:
+        with held(aio.local_agent, "cancel") as gate:
+            check_cancel_closes_after_delivery(aio, session, gate)
     finally:
         session.close()
 

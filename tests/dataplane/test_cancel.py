@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -112,5 +117,69 @@ def test_a_wrong_key_cancels_nothing_and_the_right_one_cancels(path: DataPath) -
                 break
         assert time.monotonic() - started < 1.0
         assert any(True for _ in session.query("select 1"))  # the session goes on
+    finally:
+        session.close()
+
+
+@contextlib.contextmanager
+def held(owner: Any, method: str) -> Iterator[threading.Event]:
+    """`owner.method` (a coroutine method of an agent running in its own thread) waits
+    until the yielded event is set, then does its work."""
+    gate = threading.Event()
+    original = getattr(owner, method)
+
+    async def waiting(*args: Any) -> Any:
+        await asyncio.to_thread(gate.wait, 10)
+        return await original(*args)
+
+    setattr(owner, method, waiting)
+    try:
+        yield gate
+    finally:
+        gate.set()
+        delattr(owner, method)
+
+
+def check_cancel_closes_after_delivery(
+    path: DataPath, session: rawclient.RawSession, gate: threading.Event
+) -> None:
+    """The client's cancel connection stays open while the agent holds the cancel, and
+    closes once it was delivered; the running query is cancelled by then. (Clients such as
+    asyncpg and libpq wait for that close before their next statement: a close that came
+    first let a late cancel hit the statement after.)"""
+    assert session.key is not None
+    session.send(pm.Query("select pg_sleep(30)"))
+    wait_running(path, "select pg_sleep(30)")
+    closed = threading.Event()
+
+    def cancel() -> None:
+        rawclient.send_cancel(path.web_port, session.key.process_id, session.key.secret_key)
+        closed.set()
+
+    sender = threading.Thread(target=cancel)
+    sender.start()
+    try:
+        assert not closed.wait(0.5), "the cancel connection closed before the cancel was sent"
+        gate.set()
+        assert closed.wait(5), "the cancel connection stayed open after the cancel was sent"
+    finally:
+        gate.set()
+        sender.join(10)
+    while True:
+        message = session.read_message()
+        if isinstance(message, pm.ErrorResponse):
+            assert message.sqlstate == "57014"
+        if isinstance(message, pm.ReadyForQuery):
+            break
+
+
+def test_the_cancel_connection_closes_once_the_cancel_reached_the_server(
+    path: DataPath,
+) -> None:
+    session = rawclient.connect(path.web_port, path.cert("alice"), path.pki.host_ca_file,
+                                "alice", "main")
+    try:
+        with held(path.agents[0].service, "on_cancel") as gate:
+            check_cancel_closes_after_delivery(path, session, gate)
     finally:
         session.close()
