@@ -117,7 +117,7 @@ def expand_templates(values: Iterable[str], traits: Mapping[str, Sequence[str]])
             if i + 2 < len(parts):
                 trait_values = traits.get(parts[i + 2], ())
                 combos = [
-                    (text + v, special or _is_pattern(v))
+                    (text + v, special or is_pattern(v))
                     for text, special in combos
                     for v in trait_values
                 ]
@@ -125,7 +125,8 @@ def expand_templates(values: Iterable[str], traits: Mapping[str, Sequence[str]])
     return out
 
 
-def _is_pattern(text: str) -> bool:
+def is_pattern(text: str) -> bool:
+    """Whether a value would match as a pattern (`*`, a glob, `^...$`) in a role."""
     return "*" in text or (text.startswith("^") and text.endswith("$"))
 
 

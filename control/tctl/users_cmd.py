@@ -39,6 +39,7 @@ from control.users import DEFAULT_SIGNUP_TTL, SecretsStore
 from schemas.durations import DurationError, format_duration, parse_duration
 from schemas.policy.models import NAME_PATTERN
 from schemas.policy.yamlsource import parse_yaml
+from schemas.rbac import is_pattern
 
 DEFAULT_ROLE = "access"
 DEFAULT_PROXY_PORT = 3080
@@ -269,6 +270,13 @@ def run_add(args: argparse.Namespace) -> int:
         values = _list(text)
         if values:
             traits[trait] = values
+        for value in filter(is_pattern, values):
+            print(
+                f"tctl: warning: --{trait.replace('_', '-')} {value!r} is taken literally (a "
+                "role template never turns a trait into a pattern); to allow every value, "
+                "write it in the role instead",
+                file=sys.stderr,
+            )
     path = f"users/{name}.yaml"
     try:
         commit = hosted.commit_files(

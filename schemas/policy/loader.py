@@ -47,6 +47,7 @@ from schemas.policy.models import (
 )
 from schemas.policy.problems import Problem, Severity
 from schemas.policy.yamlsource import Document, Path, Position, parse_yaml
+from schemas.rbac import is_pattern
 
 MAX_FILE_BYTES = 1 << 20  # 1 MiB per policy file
 
@@ -490,6 +491,21 @@ def _document(state: _State, path: str, folder_kind: str, doc: Document) -> None
             )
     elif isinstance(obj, User):
         state.users.setdefault(obj.metadata.name, obj)
+        for trait, values in obj.spec.traits.items():
+            for i, text in enumerate(values):
+                if is_pattern(text):
+                    loc = ("spec", "traits", trait, i)
+                    _Context(path, doc, model, resource, state.problems).add(
+                        _nearest(doc, loc),
+                        loc,
+                        f"{text!r} is taken literally: a role template never turns a trait "
+                        "into a wildcard or a regular expression; write the pattern in the "
+                        "role instead"
+                        + (f" ({trait}: ['*'] allows every one)"
+                           if trait in ("db_users", "db_names") else ""),
+                        "trait-pattern",
+                        "warning",
+                    )
     elif isinstance(obj, Database):
         state.databases.setdefault(obj.metadata.name, obj)
     elif isinstance(obj, Cluster):

@@ -51,6 +51,7 @@ RULES: dict[str, tuple[Severity, str]] = {
     "cluster-duplicate": ("error", "The repository has more than one cluster resource."),
     "wildcard-db-users": ("warning", "A role allows every database user and denies none."),
     "unused-role": ("warning", "No user has this role."),
+    "trait-pattern": ("warning", "A trait value looks like a pattern, but traits are literal."),
 }
 
 

@@ -98,6 +98,18 @@ def test_users_add_with_an_unknown_role_shows_the_lint_error_and_changes_nothing
     assert SecretsStore(cluster.data_dir).status("mallory").signup_expires is None
 
 
+def test_users_add_warns_that_a_star_in_a_trait_is_literal(
+    cluster: ApiCluster, capsys: Capture
+) -> None:
+    code, _, err = _run(cluster, capsys, "users", "add", "wanda", "--db-users=*,wanda")
+    assert code == 0
+    assert (
+        "tctl: warning: --db-users '*' is taken literally (a role template never turns a "
+        "trait into a pattern); to allow every value, write it in the role instead"
+    ) in err
+    assert "'wanda' is taken literally" not in err
+
+
 def test_users_add_refuses_a_bad_name(cluster: ApiCluster, capsys: Capture) -> None:
     code, _, err = _run(cluster, capsys, "users", "add", "../etc")
     assert code == 2

@@ -62,7 +62,7 @@ def test_strict_fails_on_warnings(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_tctl(capsys, "lint", str(case))[0] == 0
     code, out, _ = run_tctl(capsys, "lint", "--strict", str(case))
     assert code == 1
-    assert out.endswith("0 errors, 2 warnings in 6 files\n")
+    assert out.endswith("0 errors, 4 warnings in 6 files\n")
 
 
 def test_json_format(mixed: Path, capsys: pytest.CaptureFixture[str]) -> None:
