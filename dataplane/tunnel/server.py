@@ -327,6 +327,7 @@ class TunnelServer:
         logger.info("agent %s connected from %s serving %s", host_id, peer,
                     ", ".join(sorted(link.databases)) or "no database")
         self._changed()
+        link.send(Heartbeat())  # at once: the agent counts its link up from our first frame
         beat = loop.create_task(self._heartbeats(link, transport))
         reason = "closed the connection"
         try:
