@@ -30,8 +30,8 @@ to the agent of that session, and the connection is closed once the server has b
 then); any other key cancels nothing and the client is told nothing, as with PostgreSQL.
 
 Never: relay a byte of a client whose certificate did not verify (nor of one whose TLS
-asked for none), answer a cancel key, right or wrong, with anything but a close, drop the alert of
-a failed handshake, or keep reading startup bytes past the limits.
+asked for none), answer a cancel key, right or wrong, with anything but a close, drop the
+alert of a failed handshake, or keep reading startup bytes past the limits.
 """
 
 from __future__ import annotations

@@ -411,8 +411,7 @@ def run_config(args: argparse.Namespace) -> int:
     profile = ProfileStore().require_current()
     record = _chosen_login(profile, args.name)
     settings = config_of(profile, record)
-    if args.format in ("json", "jdbc"):
-        _ensure_der_key(profile, record.name)
+    _ensure_der_key(profile, record.name)
     if args.format == "json":
         print(json.dumps(
             {**settings, "jdbc_url": jdbc_url(settings), "expires": record.expires.isoformat()},
