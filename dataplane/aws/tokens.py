@@ -36,8 +36,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
@@ -52,6 +52,9 @@ from dataplane.aws.errors import (
 from schemas.bundle import BundleDatabase
 from schemas.policy.models import AWS_REGION_RE, RDS_ENDPOINT_SUFFIXES, split_host_port
 from transport.aws_regions import rds_regions
+
+if TYPE_CHECKING:  # dataplane.agent imports this module: only the type is needed here
+    from dataplane.agent.interfaces import PasswordProvider
 
 __all__ = [
     "RDS_ENDPOINT_SUFFIXES",
@@ -85,7 +88,6 @@ def _silence_signer_debug() -> None:
         signer.addFilter(_NoSignerDebug())
 
 
-PasswordProvider = Callable[[str, str], Awaitable[str | None]]
 DatabaseLookup = Callable[[str], BundleDatabase | None]
 
 
