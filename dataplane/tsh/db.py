@@ -275,7 +275,8 @@ def run_db_login(args: argparse.Namespace) -> int:
         + (f" as {as_who}" if as_who else "; choose the db user and db name in psql")
         + f" (until {when(record.expires)}).\n"
         f"Section [{record.service}] is in {record.service_file}. Connect with:\n\n"
-        f"  psql \"{_connect_line(record)}\"\n"
+        f"  psql \"{_connect_line(record)}\"\n\n"
+        f"GUI and JDBC clients: tsh db config {record.name} (--format=jdbc for a JDBC URL).\n"
     )
     if os.environ.get("PGSERVICEFILE"):
         print(f"(psql finds it while PGSERVICEFILE={record.service_file} is set, as now.)")

@@ -65,6 +65,8 @@ def test_login_to_two_databases_keeps_the_users_sections(tsh: Tsh, cluster: ApiC
     first = tsh("db", "login", "aurora")
     assert first.code == 0, first.err
     assert 'psql "service=root-aurora user=alice dbname=postgres"' in first.out
+    assert "GUI and JDBC clients: tsh db config aurora (--format=jdbc for a JDBC URL)." \
+        in first.out
     second = tsh("db", "login", "metrics")
     assert second.code == 0, second.err
 
