@@ -51,7 +51,6 @@ import argparse
 import asyncio
 import base64
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -64,7 +63,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bench.dataplane_bench import Target
+from bench.dataplane_bench import Target, pgbench_select, wait_answers
 from control.audit_store import AuditStore, verify_log
 from control.ca import certificate_pem
 from dataplane.audit import AuditShipper, Send, SendJson
@@ -166,7 +165,7 @@ class Setup:
         )
         self.pids["product, audit on"] = {s.name: s.pid for s in cluster.services()}
         for target in self.targets.values():  # every path answers before measuring
-            _wait_ready(target)
+            wait_answers(target)
 
     def start_baseline(self, checkout: Path, scale: int) -> None:
         """A second product cluster running the code of `checkout`: its processes inherit
@@ -184,7 +183,7 @@ class Setup:
         print(f"pgbench -i -s {scale} (baseline, through its proxy) ...", flush=True)
         run(["pgbench", "-i", "-s", str(scale), "-q", alice.dsn("bench")], alice.env, timeout=900)
         target = Target(BASELINE, alice.dsn("bench"), alice.env)
-        _wait_ready(target)
+        wait_answers(target)
         self.targets[BASELINE] = target
         self.pids[BASELINE] = {s.name: s.pid for s in cluster.services()}
 
@@ -209,34 +208,6 @@ class Setup:
         for cluster in (self.cluster, self.baseline):
             if cluster is not None:
                 cluster.close()
-
-
-def _wait_ready(target: Target, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        done = subprocess.run(
-            ["psql", "-X", "-At", "-c", "select 1", target.conninfo],
-            env=target.env, capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if done.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{target.name} does not answer: {done.stderr.strip()}")
-        time.sleep(0.3)
-
-
-def pgbench(target: Target, seconds: int, clients: int) -> tuple[float, int]:
-    """TPS and the number of transactions processed of one `pgbench -S` run."""
-    out = run(
-        ["pgbench", "-n", "-S", "-c", str(clients), "-j", "2", "-T", str(seconds),
-         target.conninfo],
-        target.env, timeout=seconds * 4 + 60,
-    ).stdout  # fmt: skip
-    tps = re.search(r"tps = ([0-9.]+)", out)
-    done = re.search(r"number of transactions actually processed: (\d+)", out)
-    if tps is None or done is None:
-        raise RuntimeError(f"unexpected pgbench output:\n{out}")
-    return float(tps.group(1)), int(done.group(1))
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -349,7 +320,7 @@ def main() -> None:
             rotated = order[rnd % len(order) :] + order[: rnd % len(order)]
             for name in rotated:
                 before_cpu = setup.cpu(name)
-                tps, processed = pgbench(setup.targets[name], args.seconds, args.clients)
+                tps, processed = pgbench_select(setup.targets[name], args.seconds, args.clients)
                 results[name].append(tps)
                 done[name] = done.get(name, 0) + processed
                 for process, seconds in setup.cpu(name).items():

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.dataplane_bench import Bench, prepare, run
+from bench.dataplane_bench import Bench, prepare, run, wait_answers
 
 SUITE_TIMEOUT = 1800
 PATHS = ("direct-TLS", "all-in-one", "distributed")
@@ -79,17 +79,7 @@ def open_up(b: Bench) -> None:
     run(["git", "-C", str(work), "push", "-q", "origin", "HEAD"], env)
     for name in ("all-in-one", "distributed"):
         target = b.targets[name]
-        deadline = time.monotonic() + 30
-        while True:
-            done = subprocess.run(
-                ["psql", "-XAtc", "select 1", f"{target.conninfo} dbname=postgres"],
-                env=target.env, capture_output=True, text=True, check=False, timeout=30,
-            )  # fmt: skip
-            if done.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: the opened-up role is not in force: {done.stderr}")
-            time.sleep(0.5)
+        wait_answers(target, 30, f"{target.conninfo} dbname=postgres")
 
 
 def fetch_asyncpg(root: Path, version: str | None) -> tuple[Path, Path]:

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -277,6 +277,21 @@ def login(env: dict[str, str], data_dir: Path, databases: list[str]) -> None:
         run([str(BIN / "tsh"), "db", "login", name], env)
 
 
+def wait_answers(target: Target, timeout: float = 30, conninfo: str | None = None) -> None:
+    """Until psql gets an answer through `target` (with `conninfo` in place of its own)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run(
+            ["psql", "-X", "-At", "-c", "select 1", conninfo or target.conninfo],
+            env=target.env, capture_output=True, text=True, check=False, timeout=timeout,
+        )  # fmt: skip
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{target.name} does not answer: {done.stderr.strip()}")
+        time.sleep(0.3)
+
+
 def _require(ok: bool) -> None:
     if not ok:
         raise RuntimeError("not yet")
@@ -354,16 +369,20 @@ pidfile = {root / "pgbouncer.pid"}
 # --- measurements --------------------------------------------------------------------------
 
 
-def pgbench_tps(t: Target, seconds: int, clients: int, extra: list[str]) -> float:
+def pgbench_select(
+    t: Target, seconds: int, clients: int, extra: Sequence[str] = ()
+) -> tuple[float, int]:
+    """TPS and the number of transactions processed of one `pgbench -S -j 2` run."""
     out = run(
         ["pgbench", "-n", "-S", "-c", str(clients), "-j", "2", "-T", str(seconds), *extra,
          t.conninfo],
         t.env, timeout=seconds * 4 + 60,
     )  # fmt: skip
-    match = re.search(r"tps = ([0-9.]+)", out)
-    if match is None:
-        raise RuntimeError(f"no tps in pgbench output:\n{out}")
-    return float(match.group(1))
+    tps = re.search(r"tps = ([0-9.]+)", out)
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    if tps is None or done is None:
+        raise RuntimeError(f"unexpected pgbench output:\n{out}")
+    return float(tps.group(1)), int(done.group(1))
 
 
 def latency(t: Target, seconds: int, workdir: Path) -> tuple[float, float]:
@@ -500,7 +519,7 @@ def tps_table(targets: dict[str, Target], order: list[str], args: argparse.Names
             # Interleave: each case runs every path back to back, rotating the order.
             rotated = order[rnd % len(order) :] + order[: rnd % len(order)]
             for name in rotated:
-                tps = pgbench_tps(targets[name], args.seconds, clients, extra)
+                tps, _ = pgbench_select(targets[name], args.seconds, clients, extra)
                 results.setdefault((name, case), []).append(tps)
                 print(f"  round {rnd + 1} {case:<6} {name:<14} {tps:>9.0f}", flush=True)
     print(
