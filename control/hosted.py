@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transport.files import write_atomic
@@ -123,9 +124,11 @@ def commit_files(
     changes: dict[str, bytes | None],
     message: str,
     branch: str = DEFAULT_BRANCH,
+    warn: Callable[[str], None] | None = None,
 ) -> str:
     """Commit `changes` (path -> content, None deletes) on `branch` and push it through the
-    hook. Returns the new commit id; raises PushRejected with the hook's output."""
+    hook. Returns the new commit id; raises PushRejected with the hook's output. `warn` is
+    given each lint warning the hook printed about a file of `changes`."""
     with tempfile.TemporaryDirectory(prefix="teleport-policy-") as tmp:
         work = Path(tmp) / "work"
         has_branch = bool(git(["ls-remote", "--heads", str(repo), branch]).strip())
@@ -155,6 +158,10 @@ def commit_files(
         )
         if proc.returncode != 0:
             raise PushRejected(_remote_lines(proc.stderr))
+        if warn is not None:
+            for line in _remote_lines(proc.stderr).splitlines():
+                if line.startswith(tuple(f"warning: {path}:" for path in changes)):
+                    warn(line.rstrip())
         return git(["rev-parse", "HEAD"], cwd=work).strip()
 
 

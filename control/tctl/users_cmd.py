@@ -39,7 +39,6 @@ from control.users import DEFAULT_SIGNUP_TTL, SecretsStore
 from schemas.durations import DurationError, format_duration, parse_duration
 from schemas.policy.models import NAME_PATTERN
 from schemas.policy.yamlsource import parse_yaml
-from schemas.rbac import is_pattern
 
 DEFAULT_ROLE = "access"
 DEFAULT_PROXY_PORT = 3080
@@ -157,6 +156,11 @@ def _hosted_repo(data_dir: Path, settings: ControlSettings, action: str) -> Path
     return repo
 
 
+def _print_warning(line: str) -> None:
+    """A lint warning the policy repository's hook gave about the file tctl wrote."""
+    print(f"tctl: {line}", file=sys.stderr)
+
+
 def _list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -270,13 +274,6 @@ def run_add(args: argparse.Namespace) -> int:
         values = _list(text)
         if values:
             traits[trait] = values
-        for value in filter(is_pattern, values):
-            print(
-                f"tctl: warning: --{trait.replace('_', '-')} {value!r} is taken literally (a "
-                "role template never turns a trait into a pattern); to allow every value, "
-                "write it in the role instead",
-                file=sys.stderr,
-            )
     path = f"users/{name}.yaml"
     try:
         commit = hosted.commit_files(
@@ -284,6 +281,7 @@ def run_add(args: argparse.Namespace) -> int:
             {path: user_yaml(name, roles, traits)},
             f"tctl users add {name}",
             branch=branch,
+            warn=_print_warning,
         )
     except hosted.PushRejected as exc:
         print(
@@ -378,7 +376,8 @@ def run_rm(args: argparse.Namespace) -> int:
         )
     try:
         commit = hosted.commit_files(
-            repo, {user.path: None}, f"tctl users rm {args.name}", branch=settings.source.branch
+            repo, {user.path: None}, f"tctl users rm {args.name}", branch=settings.source.branch,
+            warn=_print_warning,
         )
     except hosted.PushRejected as exc:
         print(f"tctl: user {args.name!r} was not removed: the policy repository refused the "

@@ -104,8 +104,11 @@ def test_users_add_warns_that_a_star_in_a_trait_is_literal(
     code, _, err = _run(cluster, capsys, "users", "add", "wanda", "--db-users=*,wanda")
     assert code == 0
     assert (
-        "tctl: warning: --db-users '*' is taken literally (a role template never turns a "
-        "trait into a pattern); to allow every value, write it in the role instead"
+        "tctl: warning: users/wanda.yaml:"  # the hook's lint warning, at the value
+    ) in err
+    assert (
+        "user/wanda: spec.traits.db_users[0]: '*' is taken literally: a role template never "
+        "turns a trait into a wildcard or a regular expression"
     ) in err
     assert "'wanda' is taken literally" not in err
 
