@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import quote
 
-from dataplane.tsh.client import check_certificate, public_key_pem
+from dataplane.tsh.client import check_certificate, join_host_port, public_key_pem
 from dataplane.tsh.errors import TshError, UsageError, command
 from dataplane.tsh.pgservice import service_file_path
 from dataplane.tsh.profile import DbLogin, Profile, ProfileStore, check_db_name, now_utc
@@ -377,9 +377,6 @@ def jdbc_url(settings: dict[str, str]) -> str:
     """A pgjdbc URL with the same TLS settings as the pg_service.conf section. pgjdbc reads
     its key only as PKCS#8 DER (`key_pk8`). A db user or db name the login leaves open is
     shown as a placeholder to fill in, as in the psql line."""
-    host = settings["host"]
-    if ":" in host:
-        host = f"[{host}]"
     query = [
         ("user", quote(settings["user"], safe="") if settings["user"] else "<db user>"),
         ("sslmode", settings["sslmode"]),
@@ -388,7 +385,8 @@ def jdbc_url(settings: dict[str, str]) -> str:
         ("sslkey", quote(settings["key_pk8"], safe="/")),
     ]
     database = quote(settings["database"], safe="") if settings["database"] else "<db name>"
-    return f"jdbc:postgresql://{host}:{settings['port']}/{database}?" + "&".join(
+    where = join_host_port(settings["host"], int(settings["port"]))
+    return f"jdbc:postgresql://{where}/{database}?" + "&".join(
         f"{name}={value}" for name, value in query
     )
 
