@@ -1,7 +1,9 @@
-"""Settings of a long-running service process: its event loop and its garbage collector.
+"""Settings of our processes: a service's event loop and garbage collector, and how every
+command line tool ends when its reader goes away.
 
     install_event_loop()   # before asyncio.run: uvloop where it is installed
     freeze_startup_heap()  # once the service is built: see below
+    run_command(func, args)  # a CLI subcommand; `tctl status | head -1` ends quietly
 
 Why `freeze_startup_heap`: the data path allocates a few short-lived containers per query
 (scanned messages, audit events waiting in the shipper's queue), so the cyclic collector
@@ -16,8 +18,15 @@ transports) pile up to hundreds of MB under `pgbench -C`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
+import os
+import sys
+from collections.abc import Callable
+
+# What a shell reports for a process that SIGPIPE ended (128 + 13), as C tools get it.
+BROKEN_PIPE_EXIT = 141
 
 
 def install_event_loop() -> None:
@@ -33,3 +42,17 @@ def freeze_startup_heap() -> None:
     """Collect once, then keep everything built so far out of later collections."""
     gc.collect()
     gc.freeze()
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`func(args)`, ending quietly with BROKEN_PIPE_EXIT when whoever reads our output
+    has closed it (`tctl audit search | head`), instead of a BrokenPipeError traceback.
+    Standard output then points at /dev/null, so that the interpreter's last flush at exit
+    does not fail again."""
+    try:
+        return int(func(args))
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT

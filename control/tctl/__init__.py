@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from transport.process import run_command
+
 # Subcommand modules, in the order `tctl --help` lists them.
 SUBCOMMANDS = ["lint", "auth", "status", "reconcile", "bundle", "users", "tokens", "audit", "db"]
 
@@ -62,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        return run_command(args.func, args)
     except UsageError as exc:
         print(f"tctl: error: {exc}", file=sys.stderr)
         return 2

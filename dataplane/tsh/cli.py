@@ -7,6 +7,8 @@ import importlib
 from collections.abc import Sequence
 from importlib.metadata import version
 
+from transport.process import run_command
+
 SUBCOMMANDS: list[str] = ["login", "db"]
 
 
@@ -26,4 +28,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    return run_command(args.func, args)

@@ -38,3 +38,31 @@ def test_the_startup_heap_is_frozen_and_later_cycles_are_still_collected() -> No
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True", "True"]
+
+
+BROKEN_PIPE_PROBE = """
+import sys
+from transport.process import run_command
+
+def chatty(args):
+    for i in range(1_000_000):
+        print(f"line {i}")
+    return 0
+
+sys.exit(run_command(chatty, None))
+"""
+
+
+def test_a_command_whose_reader_went_away_ends_quietly() -> None:
+    """`tctl audit search | head -1`: when the reader closes the pipe, the command ends
+    with 141 (what a shell shows for SIGPIPE) and no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BROKEN_PIPE_PROBE], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=30) == 141
+    assert err == b""
