@@ -27,6 +27,7 @@ import base64
 import logging
 import secrets
 import struct
+import time
 from collections import OrderedDict, deque
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,8 @@ from schemas.audit import (
     AuditEvent,
     BindEvent,
     CloseEvent,
+    EncodedEvent,
+    EventWriter,
     ExecuteEvent,
     FunctionCallEvent,
     Outcome,
@@ -45,6 +48,7 @@ from schemas.audit import (
     QueryEvent,
     SessionEndEvent,
     SessionStartEvent,
+    datetime_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,8 +75,9 @@ class MemoryAuditSink:
     def __init__(self) -> None:
         self.events: list[AuditEvent] = []
 
-    def emit(self, event: AuditEvent) -> None:
-        self.events.append(event)
+    def emit(self, event: AuditEvent | EncodedEvent) -> None:
+        # An encoded event is parsed back: what a reader of the log would get from it.
+        self.events.append(event.model() if isinstance(event, EncodedEvent) else event)
 
     def of_type(self, event_type: str, session_id: str | None = None) -> list[AuditEvent]:
         return [
@@ -205,7 +210,7 @@ class _Request:
     def __init__(self, kind: str, fields: dict[str, Any] | None = None) -> None:
         self.kind = kind
         self.fields = fields
-        self.time = datetime.now(UTC)
+        self.time = time.time_ns()
         self.outcome: Outcome | None = None
         self.outcomes: list[Outcome] | None = [] if kind == "query" else None
         self.emitted = False
@@ -241,7 +246,7 @@ class SessionRecorder:
         # bits set). Unique without a system call per event (uuid4 reads os.urandom).
         self._id_prefix = _id_prefix()
         self._id_count = 0
-        self._templates: dict[type, Any] = {}
+        self._writer = EventWriter(context)
         self._outcomes: dict[str, Outcome] = {}  # CommandComplete tags seen, parsed once
         self.fatal_from_server: str | None = None
         self.client_terminated = False  # the client said goodbye (Terminate)
@@ -260,7 +265,7 @@ class SessionRecorder:
             "time": time or datetime.now(UTC),
         }
 
-    def _emit(self, event: AuditEvent) -> None:
+    def _emit(self, event: AuditEvent | EncodedEvent) -> None:
         try:
             self.sink.emit(event)
         except Exception:
@@ -488,24 +493,32 @@ class SessionRecorder:
             return
         request.emitted = True
         fields = request.fields or {}
-        cls = _EVENT_CLASS[request.kind]
-        extra: dict[str, Any] = {}
+        self._id_count += 1
+        event_id = f"{self._id_prefix}{self._id_count:012x}"
+        # Written straight to JSON (`EventWriter`), as encode_event would write the model:
+        # building and copying a model per query cost more than the rest of its audit.
         if request.kind == "query":
             outcomes = request.outcomes or []
-            extra["outcomes"] = outcomes
-            extra["outcome"] = outcomes[-1] if outcomes else None
+            try:
+                self._emit(self._writer.query(
+                    event_id, request.time, fields["query"], fields["truncated"], outcomes
+                ))
+                return
+            except ValueError:
+                pass  # the model below says what is wrong with the text
+            extra: dict[str, Any] = {
+                "outcomes": outcomes, "outcome": outcomes[-1] if outcomes else None
+            }
         elif request.kind != "close":
-            extra["outcome"] = request.outcome
-        values = {**self._base(request.time), **fields, **extra}
-        template = self._templates.get(cls)
-        if template is None:
-            # The first event of a kind is built and validated in full; the session's later
-            # ones copy it with their own values (our own, already typed: no re-validation,
-            # which costs more than the rest of the audit of a query).
-            event = cls(**self.context, **values)
-            self._templates[cls] = event
+            extra = {"outcome": request.outcome}
         else:
-            event = template.model_copy(update=values)
+            extra = {}
+        cls = _EVENT_CLASS[request.kind]
+        values = {"id": event_id, "time": datetime_of(request.time), **fields, **extra}
+        try:
+            event: AuditEvent | EncodedEvent = self._writer.encode(cls, values)
+        except (TypeError, ValueError):
+            event = cls(**self.context, **values)
         self._emit(event)
 
 

@@ -3,7 +3,8 @@ to a disk spool while it cannot take them; nothing is dropped to keep the data p
 
     shipper = AuditShipper(SendJson(post), data_dir / "audit-spool")
     await shipper.start()        # a spool left by an earlier run is sent first
-    shipper.emit(event)          # from the data path: queue and return
+    shipper.emit(event)          # from the data path: queue and return (a model, or an
+                                 # EncodedEvent the session's EventWriter wrote)
     if not shipper.can_accept_sessions(): refuse, saying shipper.refusal_reason()
     await shipper.close()        # shutdown: what is in memory is delivered or spooled
 
@@ -73,6 +74,7 @@ from schemas.api import AuditAck, AuditBatch
 from schemas.audit import (
     MAX_EVENT_BYTES,
     AuditEvent,
+    EncodedEvent,
     encode_batch,
     encode_event,
     fit_event,
@@ -82,6 +84,7 @@ from schemas.audit import (
 log = logging.getLogger("teleport.audit.shipper")
 
 Send = Callable[[AuditBatch], Awaitable[AuditAck]]
+Queued = AuditEvent | EncodedEvent  # what `emit` takes
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,10 @@ class ShipperStats:
 @dataclass
 class _Batch:
     lines: list[bytes]  # each event's JSON with a newline: spooled and sent as they are
-    # The models: for events taken from memory (given back to it if they cannot be placed),
-    # and for spooled ones when `send` takes models. None for spooled lines otherwise.
-    events: list[AuditEvent] | None
+    # The events as emitted: for those taken from memory (given back to it if they cannot
+    # be placed), and the models of spooled ones when `send` takes models. None for spooled
+    # lines otherwise.
+    events: list[Queued] | None
 
     @property
     def nbytes(self) -> int:
@@ -171,14 +175,14 @@ class AuditShipper:
         self.max_event_bytes = max_event_bytes
         self.stats = ShipperStats()
         self._spool = Spool(self.spool_dir, spool_max_bytes, segment_bytes)
-        self._queue: deque[AuditEvent] = deque()
+        self._queue: deque[Queued] = deque()
         self._first_at = 0.0  # when the oldest event in memory was queued (monotonic)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._wake: asyncio.Event | None = None
         self._stepped: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._reading: tuple[Segment, list[AuditEvent] | None] | None = None
+        self._reading: tuple[Segment, list[Queued] | None] | None = None
         self._in_flight = 0  # events taken from memory and not yet delivered or spooled
         self._flushing = 0
         self._stopping = False
@@ -192,7 +196,7 @@ class AuditShipper:
 
     # -- the data path's side ---------------------------------------------------------------
 
-    def emit(self, event: AuditEvent) -> None:
+    def emit(self, event: Queued) -> None:
         """Queue `event` for delivery and return at once; never raises."""
         try:
             queue = self._queue
@@ -404,23 +408,27 @@ class AuditShipper:
     def _take_batch(self) -> _Batch:
         """Up to `batch_events` events and `batch_bytes` bytes from memory (at least one),
         each serialized here, once."""
-        events: list[AuditEvent] = []
+        events: list[Queued] = []
         lines: list[bytes] = []
         size = 0
         queue = self._queue
         limit = self.batch_events
         while queue and len(lines) < limit:
             event = queue.popleft()
-            try:
-                line = encode_event(event) + b"\n"
-            except Exception as exc:
+            if type(event) is EncodedEvent:
+                line = event.json + b"\n"
+            else:
                 try:
-                    event, line = _cleaned(event, exc)
-                except Exception as error:  # not an event at all: a defect in the emitter
-                    self._lose(1, f"an emitted object could not be encoded ({error!r})")
-                    continue
+                    line = encode_event(event) + b"\n"  # type: ignore[arg-type]
+                except Exception as exc:
+                    try:
+                        event, line = _cleaned(event, exc)  # type: ignore[arg-type]
+                    except Exception as error:  # not an event at all: a defect in the emitter
+                        self._lose(1, f"an emitted object could not be encoded ({error!r})")
+                        continue
             if len(line) > self.max_event_bytes:
-                event, fitted = fit_event(event, line[:-1], self.max_event_bytes)
+                model = event.model() if isinstance(event, EncodedEvent) else event
+                event, fitted = fit_event(model, line[:-1], self.max_event_bytes)
                 line = fitted + b"\n"
                 log.warning("audit: event %s (%s) was cut to fit %d bytes: %s", event.id,
                             event.type, self.max_event_bytes, event.shortened)
@@ -510,13 +518,13 @@ class AuditShipper:
                     "accepted", self.spool_dir, self._spool.bytes,
                 )
 
-    def _read_oldest(self) -> tuple[Segment, list[AuditEvent] | None] | None:
+    def _read_oldest(self) -> tuple[Segment, list[Queued] | None] | None:
         segment = self._spool.oldest()
         if segment is None:
             return None
         if self._send_json:
             return segment, None  # sent as they are: the control plane validates them
-        events: list[AuditEvent] = []
+        events: list[Queued] = []
         lines: list[bytes] = []
         for number, line in enumerate(segment.lines, 1):
             try:
@@ -549,7 +557,10 @@ class AuditShipper:
                     else:
                         ack = await self._send.post(encode_batch(batch.lines))
                 else:
-                    ack = await self._send(AuditBatch.model_construct(events=batch.events))
+                    ack = await self._send(AuditBatch.model_construct(events=[
+                        e.model() if isinstance(e, EncodedEvent) else e
+                        for e in batch.events or ()
+                    ]))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

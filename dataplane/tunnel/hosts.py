@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from cryptography import x509
 
-from schemas.audit import AuditEvent
+from schemas.audit import AuditEvent, EncodedEvent
 from schemas.bundle import Bundle
 from schemas.identity import (
     HostRole,
@@ -88,9 +88,10 @@ class BundleSourceLike(Protocol):
 
 @runtime_checkable
 class AuditSink(Protocol):
-    """Where audit events go; `emit` must not block (queue and return)."""
+    """Where audit events go; `emit` must not block (queue and return). An event comes as
+    a model or, from a session's data path, already written (`EncodedEvent`)."""
 
-    def emit(self, event: AuditEvent) -> None: ...
+    def emit(self, event: AuditEvent | EncodedEvent) -> None: ...
 
 
 class PeerRejected(Exception):

@@ -24,7 +24,7 @@ import uvloop
 
 from dataplane.agent import AgentService, StaticDatabases
 from dataplane.proxy import ProxyService
-from schemas.audit import AuditEvent
+from schemas.audit import AuditEvent, EncodedEvent
 from schemas.bundle import BundleDatabase, public_key_from_b64
 from tests.dataplane.support import DbCerts, Feed, Pki
 
@@ -35,7 +35,7 @@ class CountingSink:
     def __init__(self) -> None:
         self.count = 0
 
-    def emit(self, event: AuditEvent) -> None:
+    def emit(self, event: AuditEvent | EncodedEvent) -> None:
         self.count += 1
 
 
