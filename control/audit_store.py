@@ -258,6 +258,18 @@ class _Pending:
 
 
 @dataclass(frozen=True)
+class _Built:
+    """A group's records, chained and joined, not yet written."""
+
+    now: datetime
+    day: date
+    seq: int  # of the last record
+    digest: str  # its hash
+    data: bytes
+    ids: set[str]
+
+
+@dataclass(frozen=True)
 class Repair:
     """A torn tail cut from a file at start."""
 
@@ -443,25 +455,81 @@ class AuditStore:
             raise pending.error
         return pending.accepted, pending.duplicates
 
+    async def append_encoded_async(
+        self, entries: Sequence[tuple[str, bytes]], sender: str = ""
+    ) -> tuple[int, int]:
+        """`append_encoded` for a caller on an event loop that runs a data path (the db agent
+        inside the control plane's process). The records are chained on the caller's thread
+        and only their write and fsync go to a worker thread: chaining a batch in a thread
+        of its own took the GIL from the data path in slices (measured: 7.4 ms of wall time
+        per 300-event batch for 1.9 ms of CPU, and a quarter of the all-in-one's throughput
+        at 8 clients). Same guarantees: it returns once the records are on disk, and a
+        cancelled caller leaves the write to finish in its thread (which then releases the
+        lock), never half done."""
+        if not self._write_lock.acquire(blocking=False):
+            # Another caller (a batch over HTTP, in a worker thread) is writing: join the
+            # group it writes next, as `append_encoded` does.
+            return await asyncio.to_thread(self.append_encoded, entries, sender)
+        pending = _Pending(entries, sender)
+        try:
+            with self._queue_lock:
+                group, self._queue = [*self._queue, pending], []
+            built = self._build(group)
+        except BaseException as exc:
+            self._fail(group, exc)
+            self._finish(group)
+            self._write_lock.release()
+            raise pending.error or exc from None
+        if built is None:
+            self._finish(group)
+            self._write_lock.release()
+        else:
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                None, self._persist_and_release, group, built
+            ))
+        if pending.error is not None:
+            raise pending.error
+        return pending.accepted, pending.duplicates
+
+    def _persist_and_release(self, group: list[_Pending], built: _Built) -> None:
+        try:
+            self._persist(built)
+        except BaseException as exc:
+            self._fail(group, exc)
+        finally:
+            self._finish(group)
+            self._write_lock.release()
+
     def _write_group(self, group: list[_Pending]) -> None:
         """Write every pending batch of `group` with one fsync (holding the write lock)."""
         try:
-            self._write_group_now(group)
+            built = self._build(group)
+            if built is not None:
+                self._persist(built)
         except BaseException as exc:
-            error: BaseException = exc
-            if isinstance(exc, OSError):
-                error = AuditStoreError(
-                    f"cannot write the audit log in {self.directory}: {exc.strerror or exc}; "
-                    "check free space and permissions"
-                )
-            for pending in group:
-                pending.accepted = pending.duplicates = 0
-                pending.error = error
+            self._fail(group, exc)
         finally:
-            for pending in group:
-                pending.done = True
+            self._finish(group)
 
-    def _write_group_now(self, group: list[_Pending]) -> None:
+    def _fail(self, group: list[_Pending], exc: BaseException) -> None:
+        error: BaseException = exc
+        if isinstance(exc, OSError):
+            error = AuditStoreError(
+                f"cannot write the audit log in {self.directory}: {exc.strerror or exc}; "
+                "check free space and permissions"
+            )
+        for pending in group:
+            pending.accepted = pending.duplicates = 0
+            pending.error = error
+
+    @staticmethod
+    def _finish(group: list[_Pending]) -> None:
+        for pending in group:
+            pending.done = True
+
+    def _build(self, group: list[_Pending]) -> _Built | None:
+        """The records of `group`, chained after the last one written (CPU only: nothing is
+        written and the store's state is unchanged); None when every event is a duplicate."""
         if self._closed:
             raise AuditStoreError(f"the audit log in {self.directory} is closed")
         if self._broken is not None:
@@ -493,14 +561,18 @@ class AuditStore:
             pending.accepted = accepted
             pending.duplicates = len(pending.entries) - accepted
         if not lines:
-            return
-        self._write_lines(day, lines)
-        self._seq, self._hash = seq, prev.decode()
-        self._last_received = now
-        self._ids.setdefault(day, set()).update(seen_now)
-        self._forget_old(day)
+            return None
+        return _Built(now, day, seq, prev.decode(), b"".join(lines), seen_now)
+
+    def _persist(self, built: _Built) -> None:
+        """Write and fsync what `_build` chained, then make it the store's state."""
+        self._write_lines(built.day, built.data)
+        self._seq, self._hash = built.seq, built.digest
+        self._last_received = built.now
+        self._ids.setdefault(built.day, set()).update(built.ids)
+        self._forget_old(built.day)
         try:
-            self._write_head(seq, self._hash, day_file_name(day))
+            self._write_head(built.seq, built.digest, day_file_name(built.day))
         except OSError as exc:
             # The records are on disk and chained: acknowledge them. HEAD only lags (the
             # next batch rewrites it); verify then notes records after HEAD.
@@ -519,8 +591,9 @@ class AuditStore:
         for day in [d for d in self._ids if d < oldest]:
             del self._ids[day]
 
-    def _write_lines(self, day: date, lines: list[bytes]) -> None:
-        """Append `lines` to `day`'s file and fsync; on failure cut what was written."""
+    def _write_lines(self, day: date, data: bytes) -> None:
+        """Append `data` (whole lines) to `day`'s file and fsync; on failure cut what was
+        written."""
         path = self.directory / day_file_name(day)
         if self._fd is None or self._day != day:
             self._close_fd()
@@ -531,7 +604,6 @@ class AuditStore:
                 fsync_dir(self.directory)
         fd = self._fd
         start = os.fstat(fd).st_size
-        data = b"".join(lines)
         try:
             view = memoryview(data)
             while view:
@@ -979,7 +1051,7 @@ def in_process_store(
     crossed a trust boundary). A store that cannot write raises AuditStoreError."""
 
     async def post(entries: list[tuple[str, bytes]]) -> AuditAck:
-        accepted, duplicates = await asyncio.to_thread(store.append_encoded, entries, sender)
+        accepted, duplicates = await store.append_encoded_async(entries, sender)
         return AuditAck(accepted=accepted, duplicates=duplicates)
 
     return post

@@ -225,6 +225,101 @@ def test_appends_from_coroutines_through_threads(tmp_path: Path) -> None:
     assert verify_log(tmp_path).records == 200
 
 
+def entries_of(events: list) -> list[tuple[str, bytes]]:
+    return [(e.id, encode_event(e)) for e in events]
+
+
+def test_the_event_loops_appends_chain_on_the_loop_and_share_the_chain_with_threads(
+    tmp_path: Path,
+) -> None:
+    """append_encoded_async (the all-in-one's db agent): its batches and those of HTTP
+    callers in worker threads land in one chain, each batch whole, re-sends recognised."""
+    store = AuditStore(tmp_path)
+    own = [numbered_events(10) for _ in range(30)]
+    remote = [numbered_events(10) for _ in range(30)]
+    written_in = set()
+
+    persist = store._persist
+
+    def watched(built: object) -> None:
+        written_in.add(threading.current_thread() is threading.main_thread())
+        persist(built)  # type: ignore[arg-type]
+
+    store._persist = watched  # type: ignore[method-assign]
+
+    async def main() -> list[tuple[int, int]]:
+        loop_side = [store.append_encoded_async(entries_of(b), "agent-1") for b in own]
+        thread_side = [asyncio.to_thread(store.append, b, "agent-2") for b in remote]
+        again = [store.append_encoded_async(entries_of(b[:4]), "agent-1") for b in own[:5]]
+        return list(await asyncio.gather(*loop_side, *thread_side)) + list(
+            await asyncio.gather(*again)
+        )
+
+    results = asyncio.run(main())
+    store.close()
+    assert sum(a for a, _ in results) == 600 and sum(d for _, d in results) == 20
+    assert written_in == {False}  # the write and fsync never ran on the loop's thread
+    report = verify_log(tmp_path)
+    assert report.ok, report.problems
+    assert report.records == 600
+    position = {e.id: i for i, e in enumerate(search_log(tmp_path))}
+    for batch in own + remote:
+        places = [position[e.id] for e in batch]
+        assert places == list(range(places[0], places[0] + 10))
+
+
+def test_a_cancelled_loop_append_still_finishes_its_write_and_frees_the_store(
+    tmp_path: Path,
+) -> None:
+    store = AuditStore(tmp_path)
+    release = threading.Event()
+    persist = store._persist
+
+    def slow(built: object) -> None:
+        release.wait(5)
+        persist(built)  # type: ignore[arg-type]
+
+    store._persist = slow  # type: ignore[method-assign]
+    batch = numbered_events(3)
+
+    async def main() -> None:
+        task = asyncio.create_task(store.append_encoded_async(entries_of(batch), "a"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        # The next append waits for that write, then goes after it in the chain.
+        assert await asyncio.to_thread(store.append, numbered_events(2), "a") == (2, 0)
+
+    asyncio.run(main())
+    store.close()
+    report = verify_log(tmp_path)
+    assert report.ok and report.records == 5
+    assert [e.id for e in search_log(tmp_path)][:3] == [e.id for e in batch]
+
+
+def test_a_loop_append_that_cannot_write_is_refused_and_frees_the_store(
+    tmp_path: Path,
+) -> None:
+    store = AuditStore(tmp_path)
+    store.close()
+    with pytest.raises(AuditStoreError, match="closed"):
+        asyncio.run(store.append_encoded_async(entries_of(numbered_events(1)), "a"))
+    assert store._write_lock.acquire(blocking=False)
+
+    broken = AuditStore(tmp_path / "full")
+
+    def no_space(built: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    broken._persist = no_space  # type: ignore[method-assign]
+    with pytest.raises(AuditStoreError, match="No space left on device"):
+        asyncio.run(broken.append_encoded_async(entries_of(numbered_events(1)), "a"))
+    assert broken.last_seq == 0
+    assert broken._write_lock.acquire(blocking=False)
+
+
 def test_a_closed_store_refuses_appends(tmp_path: Path) -> None:
     store = AuditStore(tmp_path)
     store.close()
