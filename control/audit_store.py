@@ -40,8 +40,10 @@ Memory: about 100 bytes per event id in the window.
 
 Durability: `append` returns only after the batch's lines are fsynced; concurrent callers
 (threads, or coroutines through `asyncio.to_thread`) share one write and one fsync (group
-commit). At start a torn tail of the newest file (no final newline, or not JSON: a write the
-crash cut, never acknowledged) is moved to a `.torn-<time>` file beside it and cut off, with
+commit). `append_encoded_async`, for the db agent in the control plane's own process, chains
+its records on the event loop and leaves only the write and fsync to a worker thread. At
+start a torn tail of the newest file (no final newline, or not JSON: a write the crash cut,
+never acknowledged) is moved to a `.torn-<time>` file beside it and cut off, with
 a warning; the chain never continues over it. If HEAD.json is ahead of the files (records
 at the end were removed), the chain continues from HEAD's seq and hash, so that `verify`
 keeps showing the gap.

@@ -258,12 +258,12 @@ class SessionRecorder:
 
     # -- session start and end -----------------------------------------------------------------
 
-    def _base(self, time: datetime | None = None) -> dict[str, Any]:
+    def _next_id(self) -> str:
         self._id_count += 1
-        return {
-            "id": f"{self._id_prefix}{self._id_count:012x}",
-            "time": time or datetime.now(UTC),
-        }
+        return f"{self._id_prefix}{self._id_count:012x}"
+
+    def _base(self) -> dict[str, Any]:
+        return {"id": self._next_id(), "time": datetime.now(UTC)}
 
     def _emit(self, event: AuditEvent | EncodedEvent) -> None:
         try:
@@ -493,8 +493,7 @@ class SessionRecorder:
             return
         request.emitted = True
         fields = request.fields or {}
-        self._id_count += 1
-        event_id = f"{self._id_prefix}{self._id_count:012x}"
+        event_id = self._next_id()
         # Written straight to JSON (`EventWriter`), as encode_event would write the model:
         # building and copying a model per query cost more than the rest of its audit.
         if request.kind == "query":

@@ -25,7 +25,7 @@ import uvloop
 from control.audit_store import search_log, verify_log
 from control.settings import ApiSettings
 from dataplane.audit import AuditShipper
-from schemas.audit import AuditEvent, Outcome, encode_event
+from schemas.audit import AuditEvent, EncodedEvent, EventWriter, Outcome, encode_event
 from tests.audit.conftest import AuditEndpoint, HttpSend, numbered_events, query_event
 from transport.http import ServerLimits
 
@@ -403,6 +403,33 @@ def test_an_event_over_the_size_limit_is_cut_to_fit_and_stored(
     assert by_id[small[1].id].shortened is None
     assert f"event {many.id} (db.session.query) was cut to fit" in caplog.text
     assert "\x01" not in caplog.text  # sizes only, never the contents
+
+
+def test_events_the_data_path_wrote_are_shipped_as_written_and_cut_to_fit_too(
+    form: str, tmp_path: Path
+) -> None:
+    """The recorder emits `EncodedEvent`s (EventWriter): stored byte for byte as written,
+    in order with models emitted beside them, and one over the size limit cut to fit."""
+    endpoint = AuditEndpoint(tmp_path / "audit")
+    context = {"cluster": "example", "session_id": "sess-9", "user": "alice",
+               "roles": ["dev"], "db_service": "local", "db_name": "app", "db_user": "app"}
+    writer = EventWriter(context)
+    ok = [Outcome(status="ok", command_tag="SELECT 1", rows=1)]
+    written = [writer.query(f"id-{n}", time.time_ns(), f"select {n}", False, ok)
+               for n in range(3)]
+    huge = writer.query("id-huge", time.time_ns(), "select '" + "x" * 200_000 + "'", False, ok)
+    model = numbered_events(1)[0]
+    events = [written[0], model, written[1], huge, written[2]]
+    shipper = asyncio.run(ship_all(endpoint, form, tmp_path / "spool", events, **FAST))
+    assert (shipper.stats.delivered, shipper.stats.lost) == (5, 0)
+    (log_file,) = (tmp_path / "audit").glob("*.jsonl")
+    records = log_file.read_bytes().splitlines()
+    stored = [json.loads(line)["event"] for line in records]
+    assert [e["id"] for e in stored] == ["id-0", model.id, "id-1", "id-huge", "id-2"]
+    for record, sent in zip(records, events, strict=True):
+        if sent is not huge and isinstance(sent, EncodedEvent):
+            assert b',"event":' + sent.json + b',"hash":' in record
+    assert stored[3]["shortened"] and stored[3]["truncated"] is True
 
 
 def test_emit_never_raises_and_never_blocks(form: str, tmp_path: Path) -> None:
