@@ -31,8 +31,7 @@ of each process side by side.
 PostgreSQL and no network: CPU per event of the control plane's `AuditStore.append_body`
 (validate the body, serialize each event, chain, write, fsync; 320-event batches as agents
 send them), of `verify_log` per record, and of the agent's `AuditShipper` from `emit` to the
-request body (both forms of `send`; the HTTP client's serialization of an `AuditBatch` is
-counted for the model form, the network for neither).
+request body (the network not counted).
 
 Rounds are interleaved (each round runs every target, the order rotated), and the table
 shows each target's median TPS, its ratio to direct-TLS and to "harness, audit off". The
@@ -66,7 +65,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bench.dataplane_bench import Target, pgbench_select, wait_answers
 from control.audit_store import AuditStore, verify_log
 from control.ca import certificate_pem
-from dataplane.audit import AuditShipper, Send, SendJson
+from dataplane.audit import AuditShipper, SendJson
 from launcher.embedded_postgres import ServerTLS
 from schemas.api import AuditAck, AuditBatch
 from schemas.audit import AuditEvent
@@ -252,23 +251,17 @@ def micro(batches: int = 40, per_batch: int = 320) -> None:
         report = verify_log(Path(tmp) / "audit")
         print(f"verify_log: {_us(time.process_time() - started, report.records)} us/record "
               f"({report.records} records, {'intact' if report.ok else 'NOT intact'})")
-        for form in ("json", "model"):
-            costs = [asyncio.run(_ship(Path(tmp) / f"spool-{form}-{i}", events, per_batch, form))
-                     for i in range(3)]
-            print(f"agent, AuditShipper ({form} send): {statistics.median(costs):.1f} us/event "
-                  "(emit to request body, no network)")
+        costs = [asyncio.run(_ship(Path(tmp) / f"spool-{i}", events, per_batch))
+                 for i in range(3)]
+        print(f"agent, AuditShipper: {statistics.median(costs):.1f} us/event "
+              "(emit to request body, no network)")
 
 
-async def _ship(spool: Path, events: list[AuditEvent], per_batch: int, form: str) -> float:
-    async def model_send(batch: AuditBatch) -> AuditAck:
-        batch.model_dump_json(by_alias=True).encode()  # what the HTTP client does with it
-        return AuditAck(accepted=len(batch.events))
-
+async def _ship(spool: Path, events: list[AuditEvent], per_batch: int) -> float:
     async def post(body: bytes) -> AuditAck:
         return AuditAck(accepted=body.count(b'"id":'))
 
-    send: Send | SendJson = SendJson(post) if form == "json" else model_send
-    shipper = AuditShipper(send, spool, batch_events=per_batch, batch_bytes=1 << 30,
+    shipper = AuditShipper(SendJson(post), spool, batch_events=per_batch, batch_bytes=1 << 30,
                            max_memory_events=len(events) + 1, interval=0.0)
     await shipper.start()
     started = time.process_time()

@@ -9,7 +9,6 @@ from dataplane.audit.shipper import (
     AuditShipper,
     AuditSpoolError,
     BatchRejected,
-    Send,
     SendJson,
     ShipperStats,
 )
@@ -19,7 +18,6 @@ __all__ = [
     "AuditShipper",
     "AuditSpoolError",
     "BatchRejected",
-    "Send",
     "SendJson",
     "ShipperStats",
 ]

@@ -9,16 +9,12 @@ to a disk spool while it cannot take them; nothing is dropped to keep the data p
     await shipper.close()        # shutdown: what is in memory is delivered or spooled
 
 `send` posts one batch to the control plane (`POST /v1/audit/events`; the host's API client
-supplies it), in one of two forms:
-
-- `SendJson(post)`: `post(body: bytes) -> AuditAck` posts `body` as it is. The shipper
-  serializes each event once (`schemas.audit.encode_event`, in pydantic-core) when it takes
-  it from memory; those bytes are the spool's lines and, joined, the request body
-  (`schemas.audit.encode_batch`). Spooled lines are sent again without being parsed: the
-  control plane validates every batch, and a line it refuses is kept in `rejected.jsonl`.
-- `send(batch: AuditBatch) -> AuditAck` (the earlier form): the HTTP client serializes the
-  batch's models a second time, and spooled lines are parsed back into models (a line that
-  is not an event is skipped with an error and counted as lost).
+supplies it): `SendJson(post)`, where `post(body: bytes) -> AuditAck` posts `body` as it is.
+Each event is serialized once: by the session's `EventWriter` on the data path, or by
+`schemas.audit.encode_event` (pydantic-core) when a model is taken from memory; those bytes
+are the spool's lines and, joined, the request body (`schemas.audit.encode_batch`). Spooled
+lines are sent again without being parsed: the control plane validates every batch, and a
+line it refuses is kept in `rejected.jsonl`.
 
 Any exception means "not taken now, try again later", except a refusal of the batch itself
 (`BatchRejected`, or an exception whose `status` is 400, 413 or 422): the batch is then
@@ -67,10 +63,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pydantic
-
 from dataplane.audit.spool import SEGMENT_BYTES, Segment, Spool
-from schemas.api import AuditAck, AuditBatch
+from schemas.api import AuditAck
 from schemas.audit import (
     MAX_EVENT_BYTES,
     AuditEvent,
@@ -83,7 +77,6 @@ from schemas.audit import (
 
 log = logging.getLogger("teleport.audit.shipper")
 
-Send = Callable[[AuditBatch], Awaitable[AuditAck]]
 Queued = AuditEvent | EncodedEvent  # what `emit` takes
 
 
@@ -127,9 +120,8 @@ class ShipperStats:
 @dataclass
 class _Batch:
     lines: list[bytes]  # each event's JSON with a newline: spooled and sent as they are
-    # The events as emitted: for those taken from memory (given back to it if they cannot
-    # be placed), and the models of spooled ones when `send` takes models. None for spooled
-    # lines otherwise.
+    # The events as emitted, for those taken from memory (given back to it if they cannot
+    # be placed); None for lines read back from the spool.
     events: list[Queued] | None
 
     @property
@@ -146,7 +138,7 @@ class AuditShipper:
 
     def __init__(
         self,
-        send: SendJson | Send,
+        send: SendJson,
         spool_dir: Path,
         *,
         batch_events: int = 500,
@@ -162,8 +154,9 @@ class AuditShipper:
     ) -> None:
         if batch_events < 1 or batch_bytes < 1 or spool_max_bytes < 1:
             raise ValueError("batch_events, batch_bytes and spool_max_bytes must be positive")
+        if not isinstance(send, SendJson):
+            raise TypeError(f"send must be a SendJson, not {type(send).__name__}")
         self._send = send
-        self._send_json = isinstance(send, SendJson)
         self.spool_dir = Path(spool_dir)
         self.batch_events = batch_events
         self.batch_bytes = batch_bytes
@@ -182,7 +175,7 @@ class AuditShipper:
         self._wake: asyncio.Event | None = None
         self._stepped: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._reading: tuple[Segment, list[Queued] | None] | None = None
+        self._reading: Segment | None = None  # the spool segment being sent
         self._in_flight = 0  # events taken from memory and not yet delivered or spooled
         self._flushing = 0
         self._stopping = False
@@ -492,10 +485,11 @@ class AuditShipper:
 
     async def _send_from_spool(self) -> None:
         if self._reading is None:
-            self._reading = await asyncio.to_thread(self._read_oldest)
+            # Its lines are sent as they are: the control plane validates them.
+            self._reading = await asyncio.to_thread(self._spool.oldest)
             if self._reading is None:
                 return
-        segment, events = self._reading
+        segment = self._reading
         lines = segment.lines
         start = segment.position
         end = start
@@ -505,7 +499,7 @@ class AuditShipper:
                 break
             size += len(lines[end])
             end += 1
-        batch = _Batch(lines[start:end], events[start:end] if events is not None else None)
+        batch = _Batch(lines[start:end], None)
         if batch.lines:
             segment.position += await self._deliver(batch)
         if segment.position >= len(lines):
@@ -518,25 +512,6 @@ class AuditShipper:
                     "accepted", self.spool_dir, self._spool.bytes,
                 )
 
-    def _read_oldest(self) -> tuple[Segment, list[Queued] | None] | None:
-        segment = self._spool.oldest()
-        if segment is None:
-            return None
-        if self._send_json:
-            return segment, None  # sent as they are: the control plane validates them
-        events: list[Queued] = []
-        lines: list[bytes] = []
-        for number, line in enumerate(segment.lines, 1):
-            try:
-                events.append(parse_event(line))
-            except (pydantic.ValidationError, ValueError):
-                log.error("audit: %s:%d is not an audit event; skipped", segment.path, number)
-                self.stats.lost += 1
-                continue
-            lines.append(line)
-        segment.lines = lines
-        return segment, events
-
     # -- sending --------------------------------------------------------------------------------
 
     async def _deliver(self, batch: _Batch) -> int:
@@ -546,21 +521,15 @@ class AuditShipper:
             return 0
         try:
             async with asyncio.timeout(self.send_timeout):
-                if isinstance(self._send, SendJson):
-                    own = self._send.post_own
-                    if own is not None and batch.events is not None:
-                        entries = [
-                            (event.id, line[:-1])
-                            for event, line in zip(batch.events, batch.lines, strict=True)
-                        ]
-                        ack = await own(entries)
-                    else:
-                        ack = await self._send.post(encode_batch(batch.lines))
+                own = self._send.post_own
+                if own is not None and batch.events is not None:
+                    entries = [
+                        (event.id, line[:-1])
+                        for event, line in zip(batch.events, batch.lines, strict=True)
+                    ]
+                    ack = await own(entries)
                 else:
-                    ack = await self._send(AuditBatch.model_construct(events=[
-                        e.model() if isinstance(e, EncodedEvent) else e
-                        for e in batch.events or ()
-                    ]))
+                    ack = await self._send.post(encode_batch(batch.lines))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -31,7 +31,7 @@ async def emit_cost(events: list, directory: Path) -> tuple[float, float]:
     endpoint = AuditEndpoint(directory / "audit")
     await endpoint.start()
     send = HttpSend(endpoint.url)
-    shipper = AuditShipper(send, directory / "spool", max_memory_events=len(events) + 1)
+    shipper = AuditShipper(send.sender(), directory / "spool", max_memory_events=len(events) + 1)
     await shipper.start()
     emit = shipper.emit
     started = time.perf_counter_ns()
@@ -53,7 +53,7 @@ async def delivery(events: list, directory: Path) -> tuple[float, float]:
     endpoint = AuditEndpoint(directory / "audit")
     await endpoint.start()
     send = HttpSend(endpoint.url)
-    shipper = AuditShipper(send, directory / "spool", max_memory_events=len(events) + 1)
+    shipper = AuditShipper(send.sender(), directory / "spool", max_memory_events=len(events) + 1)
     await shipper.start()
     wall, cpu = time.perf_counter(), time.process_time()
     for i, event in enumerate(events):

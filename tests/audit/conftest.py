@@ -23,7 +23,7 @@ from control.audit_store import (
     audit_events_handler,
     legacy_record_hash,
 )
-from dataplane.audit import Send, SendJson
+from dataplane.audit import SendJson
 from schemas.api import AuditAck, AuditBatch
 from schemas.audit import (
     AuditEvent,
@@ -171,17 +171,12 @@ class AuditEndpoint:
 
 
 class HttpSend:
-    """The agent's `send`: one batch per POST over a kept-alive connection; called with an
-    AuditBatch (the model form), or `post` with the body's bytes (the `SendJson` form)."""
+    """The agent's `send`: one batch per POST (the body's bytes) over a kept-alive
+    connection."""
 
     def __init__(self, url: str, timeout: float = 2.0) -> None:
         self.client = HttpClient(url, timeout=timeout)
         self.calls = 0
-
-    async def __call__(self, batch: AuditBatch) -> AuditAck:
-        self.calls += 1
-        response = await self.client.request("POST", AUDIT_PATH, json=batch)
-        return response.raise_for_error().json(AuditAck)
 
     async def post(self, body: bytes) -> AuditAck:
         self.calls += 1
@@ -190,9 +185,8 @@ class HttpSend:
         )
         return response.raise_for_error().json(AuditAck)
 
-    def sender(self, form: str) -> Send | SendJson:
-        """This endpoint's `send` in `form`: "json" (bytes) or "model" (AuditBatch)."""
-        return SendJson(self.post) if form == "json" else self
+    def sender(self) -> SendJson:
+        return SendJson(self.post)
 
     async def aclose(self) -> None:
         await self.client.aclose()

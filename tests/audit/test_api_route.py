@@ -18,7 +18,7 @@ from control.audit_store import (
     verify_log,
 )
 from dataplane.audit import AuditShipper, SendJson
-from schemas.api import AuditAck, AuditBatch
+from schemas.api import AuditAck
 from schemas.audit import encode_event
 from tests.api.conftest import ApiCluster, Creds, api_settings, start_api_cluster
 from tests.audit.conftest import AUDIT_PATH, numbered_events
@@ -66,11 +66,13 @@ def test_a_shipper_delivers_over_mtls(cluster: ApiCluster, tmp_path: Path) -> No
         context = tls.client_context([cluster.host_ca], agent.cert_pem, agent.key_pem)
         async with HttpClient(cluster.url, ssl_context=context) as client:
 
-            async def send(batch: AuditBatch) -> AuditAck:
-                response = await client.request("POST", AUDIT_PATH, json=batch)
+            async def post(body: bytes) -> AuditAck:
+                response = await client.request(
+                    "POST", AUDIT_PATH, body=body, headers={"content-type": "application/json"}
+                )
                 return response.raise_for_error().json(AuditAck)
 
-            shipper = AuditShipper(send, tmp_path / "spool", interval=0.02)
+            shipper = AuditShipper(SendJson(post), tmp_path / "spool", interval=0.02)
             await shipper.start()
             for event in events:
                 shipper.emit(event)

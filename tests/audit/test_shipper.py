@@ -32,12 +32,6 @@ from transport.http import ServerLimits
 FAST = {"interval": 0.02, "retry_min": 0.02, "retry_max": 0.2, "send_timeout": 3.0}
 
 
-@pytest.fixture(params=["json", "model"])
-def form(request: pytest.FixtureRequest) -> str:
-    """The two forms of `send`: the body's bytes (`SendJson`) or an AuditBatch."""
-    return request.param
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,13 +49,13 @@ async def delivered(endpoint: AuditEndpoint, count: int, timeout: float = 30.0) 
 
 
 async def ship_all(
-    endpoint: AuditEndpoint, form: str, spool: Path, events: list[AuditEvent], **options: Any
+    endpoint: AuditEndpoint, spool: Path, events: list[AuditEvent], **options: Any
 ) -> AuditShipper:
-    """Start `endpoint`, emit `events` through a shipper sending in `form`, flush it (all of
+    """Start `endpoint`, emit `events` through a shipper, flush it (all of
     them delivered or kept aside within 10 s), then close the shipper and the endpoint."""
     await endpoint.start()
     send = HttpSend(endpoint.url)
-    shipper = AuditShipper(send.sender(form), spool, **options)
+    shipper = AuditShipper(send.sender(), spool, **options)
     await shipper.start()
     for event in events:
         shipper.emit(event)
@@ -77,7 +71,7 @@ def stored_ids(directory: Path) -> list[str]:
 
 
 def test_events_go_in_batches_in_the_order_they_were_emitted(
-    form: str, tmp_path: Path
+    tmp_path: Path
 ) -> None:
     endpoint = AuditEndpoint(tmp_path / "audit")
     events = numbered_events(1200)
@@ -85,7 +79,7 @@ def test_events_go_in_batches_in_the_order_they_were_emitted(
     async def main() -> AuditShipper:
         await endpoint.start()
         send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(form), tmp_path / "spool", batch_events=500, **FAST)
+        shipper = AuditShipper(send.sender(), tmp_path / "spool", batch_events=500, **FAST)
         await shipper.start()
         for event in events:
             shipper.emit(event)
@@ -102,13 +96,13 @@ def test_events_go_in_batches_in_the_order_they_were_emitted(
     assert list((tmp_path / "spool").iterdir()) == []
 
 
-def test_a_lone_event_waits_at_most_the_interval(form: str, tmp_path: Path) -> None:
+def test_a_lone_event_waits_at_most_the_interval(tmp_path: Path) -> None:
     endpoint = AuditEndpoint(tmp_path / "audit")
 
     async def main() -> float:
         await endpoint.start()
         send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(form), tmp_path / "spool", interval=0.2)
+        shipper = AuditShipper(send.sender(), tmp_path / "spool", interval=0.2)
         await shipper.start()
         started = time.monotonic()
         shipper.emit(query_event())
@@ -124,7 +118,7 @@ def test_a_lone_event_waits_at_most_the_interval(form: str, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_ten_thousand_events_from_twenty_clients_across_two_restarts(
-    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, loop: str
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, loop: str
 ) -> None:
     """The acceptance's bar for the delivery path: exactly 10,000 stored, none twice, the
     chain intact, while the control plane is stopped and started twice mid-stream."""
@@ -143,7 +137,7 @@ def test_ten_thousand_events_from_twenty_clients_across_two_restarts(
         await endpoint.start()
         endpoint.after_store = lose_one_answer
         send = HttpSend(endpoint.url, timeout=1.0)
-        shipper = AuditShipper(send.sender(form), tmp_path / "spool", batch_events=200,
+        shipper = AuditShipper(send.sender(), tmp_path / "spool", batch_events=200,
                                segment_bytes=64 * 1024, **FAST)
         await shipper.start()
         outage_at: list[int] = []
@@ -205,7 +199,7 @@ def test_ten_thousand_events_from_twenty_clients_across_two_restarts(
 
 
 def test_a_full_spool_refuses_sessions_until_delivery_frees_it(
-    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     endpoint = AuditEndpoint(tmp_path / "audit")
     endpoint.port = free_port()
@@ -213,7 +207,7 @@ def test_a_full_spool_refuses_sessions_until_delivery_frees_it(
 
     async def main() -> None:
         send = HttpSend(endpoint.url, timeout=0.5)
-        shipper = AuditShipper(send.sender(form), tmp_path / "spool", batch_events=20,
+        shipper = AuditShipper(send.sender(), tmp_path / "spool", batch_events=20,
                                spool_max_bytes=40_000, segment_bytes=8_000, **FAST)
         await shipper.start()
         assert shipper.can_accept_sessions() and shipper.refusal_reason() is None
@@ -252,15 +246,17 @@ def test_a_full_spool_refuses_sessions_until_delivery_frees_it(
 KILLED_AGENT = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
-    from dataplane.audit import AuditShipper
+    from dataplane.audit import AuditShipper, SendJson
     from schemas.api import AuditAck
     from tests.audit.conftest import numbered_events
 
-    async def unreachable(batch):
+    async def unreachable(body):
         raise ConnectionRefusedError("the control plane is down")
 
     async def main():
-        shipper = AuditShipper(unreachable, Path(sys.argv[1]), interval=0.01, retry_min=0.01)
+        shipper = AuditShipper(
+            SendJson(unreachable), Path(sys.argv[1]), interval=0.01, retry_min=0.01
+        )
         await shipper.start()
         events = numbered_events(120)
         for event in events:
@@ -275,7 +271,7 @@ KILLED_AGENT = textwrap.dedent("""
 
 
 def test_a_spool_left_by_a_killed_agent_is_sent_first_at_start(
-    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     spool = tmp_path / "spool"
     agent = subprocess.Popen([sys.executable, "-c", KILLED_AGENT, str(spool)],
@@ -297,7 +293,7 @@ def test_a_spool_left_by_a_killed_agent_is_sent_first_at_start(
     async def main() -> None:
         await endpoint.start()
         send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(form), spool, **FAST)
+        shipper = AuditShipper(send.sender(), spool, **FAST)
         for event in new:  # emitted before start: they wait behind the spool
             shipper.emit(event)
         await shipper.start()
@@ -315,11 +311,10 @@ def test_a_spool_left_by_a_killed_agent_is_sent_first_at_start(
 
 
 def test_a_spooled_line_that_is_not_an_event(
-    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Disk corruption in a spool segment: sent as it is in the JSON form (the control plane
-    refuses it, and it is kept in rejected.jsonl); skipped and counted lost in the model
-    form, which must parse it. The events around it are delivered either way."""
+    """Disk corruption in a spool segment: sent as it is (the control plane refuses it, and
+    it is kept in rejected.jsonl); the events around it are delivered."""
     spool = tmp_path / "spool"
     spool.mkdir()
     first, last = numbered_events(3), numbered_events(2)
@@ -333,7 +328,7 @@ def test_a_spooled_line_that_is_not_an_event(
     async def main() -> AuditShipper:
         await endpoint.start()
         send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(form), spool, **FAST)
+        shipper = AuditShipper(send.sender(), spool, **FAST)
         await shipper.start()
         await delivered(endpoint, 5)
         assert await shipper.close()
@@ -345,18 +340,13 @@ def test_a_spooled_line_that_is_not_an_event(
         shipper = asyncio.run(main())
     assert stored_ids(tmp_path / "audit") == [e.id for e in [*first, *last]]
     assert list(spool.glob("0*.jsonl")) == []
-    if form == "json":
-        assert (spool / "rejected.jsonl").read_bytes() == garbage
-        assert (shipper.stats.rejected, shipper.stats.lost) == (1, 0)
-        assert "refused event (a spooled line that is not JSON)" in caplog.text
-    else:
-        assert not (spool / "rejected.jsonl").exists()
-        assert (shipper.stats.rejected, shipper.stats.lost) == (0, 1)
-        assert "is not an audit event; skipped" in caplog.text
+    assert (spool / "rejected.jsonl").read_bytes() == garbage
+    assert (shipper.stats.rejected, shipper.stats.lost) == (1, 0)
+    assert "refused event (a spooled line that is not JSON)" in caplog.text
 
 
 def test_an_event_the_control_plane_refuses_is_kept_aside_and_the_rest_delivered(
-    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     endpoint = AuditEndpoint(tmp_path / "audit", limits=ServerLimits(max_body_bytes=16 * 1024))
     before, after = numbered_events(7), numbered_events(8)
@@ -364,7 +354,7 @@ def test_an_event_the_control_plane_refuses_is_kept_aside_and_the_rest_delivered
 
     with caplog.at_level(logging.ERROR, logger="teleport.audit.shipper"):
         shipper = asyncio.run(ship_all(
-            endpoint, form, tmp_path / "spool", [*before, huge, *after],
+            endpoint, tmp_path / "spool", [*before, huge, *after],
             batch_bytes=64 * 1024, interval=10.0, retry_min=0.02,
         ))
     assert stored_ids(tmp_path / "audit") == [e.id for e in [*before, *after]]
@@ -375,7 +365,7 @@ def test_an_event_the_control_plane_refuses_is_kept_aside_and_the_rest_delivered
 
 
 def test_an_event_over_the_size_limit_is_cut_to_fit_and_stored(
-    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A statement of 7,000 queries (one outcome each) and a query of control characters
     (six bytes of JSON each) are stored shortened under the control plane's own body limit,
@@ -390,7 +380,7 @@ def test_an_event_over_the_size_limit_is_cut_to_fit_and_stored(
     assert all(len(encode_event(e)) > limits.max_body_bytes for e in (many, escaped))
 
     with caplog.at_level(logging.WARNING, logger="teleport.audit.shipper"):
-        shipper = asyncio.run(ship_all(endpoint, form, tmp_path / "spool", events, **FAST))
+        shipper = asyncio.run(ship_all(endpoint, tmp_path / "spool", events, **FAST))
     stored = search_log(tmp_path / "audit")
     assert [e.id for e in stored] == [e.id for e in events]
     assert shipper.stats.rejected == 0 and shipper.stats.lost == 0
@@ -406,7 +396,7 @@ def test_an_event_over_the_size_limit_is_cut_to_fit_and_stored(
 
 
 def test_events_the_data_path_wrote_are_shipped_as_written_and_cut_to_fit_too(
-    form: str, tmp_path: Path
+    tmp_path: Path
 ) -> None:
     """The recorder emits `EncodedEvent`s (EventWriter): stored byte for byte as written,
     in order with models emitted beside them, and one over the size limit cut to fit."""
@@ -420,7 +410,7 @@ def test_events_the_data_path_wrote_are_shipped_as_written_and_cut_to_fit_too(
     huge = writer.query("id-huge", time.time_ns(), "select '" + "x" * 200_000 + "'", False, ok)
     model = numbered_events(1)[0]
     events = [written[0], model, written[1], huge, written[2]]
-    shipper = asyncio.run(ship_all(endpoint, form, tmp_path / "spool", events, **FAST))
+    shipper = asyncio.run(ship_all(endpoint, tmp_path / "spool", events, **FAST))
     assert (shipper.stats.delivered, shipper.stats.lost) == (5, 0)
     (log_file,) = (tmp_path / "audit").glob("*.jsonl")
     records = log_file.read_bytes().splitlines()
@@ -432,7 +422,7 @@ def test_events_the_data_path_wrote_are_shipped_as_written_and_cut_to_fit_too(
     assert stored[3]["shortened"] and stored[3]["truncated"] is True
 
 
-def test_emit_never_raises_and_never_blocks(form: str, tmp_path: Path) -> None:
+def test_emit_never_raises_and_never_blocks(tmp_path: Path) -> None:
     endpoint = AuditEndpoint(tmp_path / "audit")
     good = numbered_events(3)
     odd = query_event("select '\udc80'")  # not valid Unicode: cleaned, still delivered
@@ -440,7 +430,7 @@ def test_emit_never_raises_and_never_blocks(form: str, tmp_path: Path) -> None:
     async def main() -> AuditShipper:
         await endpoint.start()
         send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(form), tmp_path / "spool", **FAST)
+        shipper = AuditShipper(send.sender(), tmp_path / "spool", **FAST)
         await shipper.start()
         shipper.emit(good[0])
         shipper.emit("not an event")  # type: ignore[arg-type]
@@ -463,14 +453,14 @@ def test_emit_never_raises_and_never_blocks(form: str, tmp_path: Path) -> None:
 
 
 def test_close_with_the_control_plane_away_spools_what_is_in_memory(
-    form: str, tmp_path: Path
+    tmp_path: Path
 ) -> None:
     port = free_port()
     events = numbered_events(40)
 
     async def main() -> AuditShipper:
         send = HttpSend(f"http://127.0.0.1:{port}", timeout=0.3)
-        shipper = AuditShipper(send.sender(form), tmp_path / "spool", interval=5.0, retry_min=0.05)
+        shipper = AuditShipper(send.sender(), tmp_path / "spool", interval=5.0, retry_min=0.05)
         await shipper.start()
         for event in events:
             shipper.emit(event)
@@ -486,13 +476,13 @@ def test_close_with_the_control_plane_away_spools_what_is_in_memory(
 
 
 def test_too_many_events_in_memory_refuse_sessions_then_count_what_is_dropped(
-    form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
 
     async def main() -> AuditShipper:
         send = HttpSend(f"http://127.0.0.1:{port}", timeout=0.3)
-        shipper = AuditShipper(send.sender(form), tmp_path / "spool", spool_max_bytes=2_000,
+        shipper = AuditShipper(send.sender(), tmp_path / "spool", spool_max_bytes=2_000,
                                max_memory_events=50, **FAST)
         await shipper.start()
         for event in numbered_events(99):
@@ -511,3 +501,11 @@ def test_too_many_events_in_memory_refuse_sessions_then_count_what_is_dropped(
     assert shipper.stats.lost >= 4
     assert "new database sessions are refused" in caplog.text
     assert "dropped so far" in caplog.text
+
+
+def test_a_send_that_is_not_a_sendjson_is_refused_at_once(tmp_path: Path) -> None:
+    async def send(batch: object) -> None:  # the model form that was removed
+        raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match="SendJson"):
+        AuditShipper(send, tmp_path / "spool")  # type: ignore[arg-type]
