@@ -139,8 +139,8 @@ class PolicyWatcher:
         async for _changes in watchfiles.awatch(
             *paths,
             watch_filter=_RefFilter(git_dir, request_dir),
-            debounce=100,
-            step=100,  # each step takes the GIL (the all-in-one's data path shares it)
+            debounce=50,
+            step=20,
             stop_event=stop,
             recursive=True,
         ):

@@ -24,6 +24,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,7 +34,9 @@ import yaml
 
 from control import hosted
 from control.ca import host_ca_pin
+from control.service import control_plane_running
 from control.settings import ControlSettings, load_settings
+from control.state import load_state
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
 from control.users import DEFAULT_SIGNUP_TTL, SecretsStore
 from schemas.durations import DurationError, format_duration, parse_duration
@@ -292,7 +295,8 @@ def run_add(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         return 1
     token = SecretsStore(data_dir).reset(name, ttl)
-    print(f"User {name!r} added: {path}, commit {commit[:12]}, roles {', '.join(roles)}.\n")
+    print(f"User {name!r} added: {path}, commit {commit[:12]}, roles {', '.join(roles)}.")
+    print(f"{in_force_note(data_dir, commit)}\n")
     print(signup_instructions(name, token, ttl, settings, host_ca_pin(data_dir)), end="")
     return 0
 
@@ -358,6 +362,33 @@ def run_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+IN_FORCE_WAIT = 5.0  # seconds `tctl users add/rm` wait for the control plane to apply them
+
+
+def in_force_note(data_dir: Path, commit: str, timeout: float = IN_FORCE_WAIT) -> str:
+    """Wait (at most `timeout` s) for the running control plane to put `commit` in force,
+    and say how it went: the printed `tsh login` line then works at once."""
+    if not control_plane_running(data_dir):
+        return ("The control plane is not running: the change is in force once it starts "
+                "(`tctl status` tells).")
+    deadline = time.monotonic() + timeout
+    while True:
+        state = load_state(data_dir / "state.json")
+        if state.in_force is not None and state.in_force.commit == commit:
+            return f"In force: bundle serial {state.in_force.serial}."
+        attempt = state.last_attempt
+        if attempt is not None and attempt.commit == commit:
+            if attempt.result == "unchanged":
+                return "In force (the compiled policy did not change)."
+            if attempt.result == "failed":
+                return (f"NOT in force: the control plane refused commit {commit[:12]} "
+                        f"({attempt.error_count} error(s)); `tctl status` shows them.")
+        if time.monotonic() >= deadline:
+            return (f"Not in force yet after {timeout:.0f} s (the control plane is busy?); "
+                    "`tctl status` tells when it is.")
+        time.sleep(0.05)
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
@@ -389,6 +420,7 @@ def run_rm(args: argparse.Namespace) -> int:
     print(f"User {args.name!r} removed: {user.path} deleted in commit {commit[:12]}; their "
           "password and second factor are erased. Certificates already issued stop working "
           "once the new policy is in force.")
+    print(in_force_note(data_dir, commit))
     return 0
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
 
 from control import hosted
+from control.state import Attempt, ReconcileState, save_state
 from control.tctl import main as tctl
+from control.tctl import users_cmd
 from control.users import SecretsStore
 from tests.api.conftest import PASSWORD, ApiCluster
 
@@ -58,6 +61,11 @@ def test_users_add_commits_the_user_and_prints_a_working_signup_line(
     )
     assert code == 0
     assert "User 'alice' added: users/alice.yaml" in out
+    # tctl waited until the control plane put the commit in force: the user is in the
+    # bundle already, so the printed tsh login line works at once.
+    assert re.search(r"^In force: bundle serial \d+\.$", out, re.MULTILINE), out
+    bundle = cluster.running.plane.reconciler.current_bundle()  # type: ignore[union-attr]
+    assert bundle is not None and "alice" in bundle.users
     token = _signup_token(out, "alice")
     text = hosted.read_file(hosted.repo_path(cluster.data_dir), "users/alice.yaml")
     assert text is not None
@@ -70,7 +78,6 @@ def test_users_add_commits_the_user_and_prints_a_working_signup_line(
             "traits": {"logins": ["root"], "db_names": ["postgres"], "db_users": ["alice"]},
         },
     }
-    _wait_for_user(cluster, "alice", True)
     cluster.call("POST", "/v1/signup", json={"token": token, "password": PASSWORD}
                  ).raise_for_error()
     cluster.login("alice")
@@ -244,3 +251,20 @@ def test_commands_on_a_data_dir_never_started_say_so(
     for argv in (["users", "ls"], ["users", "add", "amy"], ["tokens", "add", "--type=db"]):
         assert tctl([*argv, "--data-dir", str(tmp_path)]) == 2
         assert "has no control.json" in capsys.readouterr().err
+
+
+def test_in_force_note_says_how_a_commit_fared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert "not running" in users_cmd.in_force_note(tmp_path, "c" * 40)
+    monkeypatch.setattr(users_cmd, "control_plane_running", lambda _data_dir: True)
+    state = ReconcileState()
+    state.record(Attempt(commit="f" * 40, at=datetime.now(UTC), result="failed",
+                         error_count=2))
+    save_state(tmp_path / "state.json", state)
+    assert users_cmd.in_force_note(tmp_path, "f" * 40) == (
+        f"NOT in force: the control plane refused commit {'f' * 12} (2 error(s)); "
+        "`tctl status` shows them."
+    )
+    note = users_cmd.in_force_note(tmp_path, "a" * 40, timeout=0.2)
+    assert note.startswith("Not in force yet after 0 s")
