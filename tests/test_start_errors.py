@@ -16,6 +16,21 @@ TELEPORT = Path(sys.executable).with_name("teleport")
 TELEPORT_AGENT = Path(sys.executable).with_name("teleport-agent")
 
 
+def run_with_port_busy(port: int, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `argv` while another socket listens on 127.0.0.1:`port`; check that it fails with
+    exit 1, names the address, and shows no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr, (
+        proc.stderr[-2000:]
+    )
+    return proc
+
+
 def test_a_web_port_in_use_is_named_and_the_process_fails(tmp_path: Path) -> None:
     base = free_port_block(3)
     auth, web, tunnel = base, base + 1, base + 2
@@ -33,16 +48,10 @@ proxy_service:
   tunnel_listen_addr: 127.0.0.1:{tunnel}
 """
     )
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", web))
-        busy.listen()
-        proc = subprocess.run(
-            [str(TELEPORT), "start", "--roles=auth,proxy", "--config", str(config),
-             "--data-dir", str(tmp_path / "data")],
-            capture_output=True, text=True, timeout=60, check=False,
-        )
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    proc = run_with_port_busy(web, [
+        str(TELEPORT), "start", "--roles=auth,proxy", "--config", str(config),
+        "--data-dir", str(tmp_path / "data"),
+    ])
     assert proc.stderr.rstrip().endswith(
         f"teleport: error: cannot listen on 127.0.0.1:{web}: Address already in use"
     ), proc.stderr[-2000:]
@@ -64,19 +73,10 @@ proxy_service:
   tunnel_listen_addr: 127.0.0.1:{tunnel}
 """
         )
-        with socket.socket() as busy:
-            busy.bind(("127.0.0.1", web))
-            busy.listen()
-            proc = subprocess.run(
-                [str(TELEPORT_AGENT), "run", "--role=proxy", "--config", str(config),
-                 "--data-dir", str(tmp_path / "proxy"), f"--auth-server={plane.addr}",
-                 f"--token={TOKEN}", f"--ca-pin={plane.pin}"],
-                capture_output=True, text=True, timeout=60, check=False,
-            )  # fmt: skip
+        run_with_port_busy(web, [
+            str(TELEPORT_AGENT), "run", "--role=proxy", "--config", str(config),
+            "--data-dir", str(tmp_path / "proxy"), f"--auth-server={plane.addr}",
+            f"--token={TOKEN}", f"--ca-pin={plane.pin}",
+        ])
     finally:
         plane.shutdown()
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert f"cannot listen on 127.0.0.1:{web}: Address already in use" in proc.stderr, (
-        proc.stderr[-2000:]
-    )
