@@ -189,7 +189,7 @@ def _row_description(msg: m.RowDescription) -> bytes:
 
 def _negotiate(msg: m.NegotiateProtocolVersion) -> bytes:
     return (
-        _i32(msg.newest_minor)
+        _i32(msg.newest_version)
         + _i32(len(msg.unrecognized_options))
         + b"".join(_cstr(o, "protocol option") for o in msg.unrecognized_options)
     )
@@ -528,9 +528,9 @@ def _dec_copy_response(cls: type) -> Callable[[_Reader], Any]:
 
 
 def _dec_negotiate(r: _Reader) -> m.NegotiateProtocolVersion:
-    minor = r.i32("newest minor version")
+    version = r.i32("newest protocol version")
     n = r.count("unrecognized options", 1, wide=True)
-    return m.NegotiateProtocolVersion(minor, tuple(r.cstr("option name") for _ in range(n)))
+    return m.NegotiateProtocolVersion(version, tuple(r.cstr("option name") for _ in range(n)))
 
 
 _Decoder = Callable[[_Reader], Any]

@@ -463,10 +463,14 @@ class NotificationResponse:
 
 @dataclass(frozen=True, slots=True)
 class NegotiateProtocolVersion:
-    """The server supports only `newest_minor` of protocol 3 and not these `_pq_.` options."""
+    """The server speaks protocol `newest_version` at most and none of these `_pq_.` options.
+
+    On the wire the version is a whole protocol number, (3 << 16) | minor, as PostgreSQL
+    sends it (`PROTOCOL_3_0` for 3.0): libpq reads anything below 3.0 as a downgrade to a
+    protocol it no longer speaks and gives up."""
 
     type_code: ClassVar[bytes | None] = b"v"
-    newest_minor: int
+    newest_version: int
     unrecognized_options: tuple[str, ...] = ()
 
 

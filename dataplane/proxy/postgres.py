@@ -252,7 +252,9 @@ class PostgresFrontend:
                 if packet.minor_version or packet.protocol_options:
                     # As PostgreSQL does: we speak 3.0 and none of the options; the client
                     # goes on with that or leaves.
-                    inbox.write(encode(m.NegotiateProtocolVersion(0, packet.protocol_options)))
+                    inbox.write(encode(
+                        m.NegotiateProtocolVersion(m.PROTOCOL_3_0, packet.protocol_options)
+                    ))
                 return transport, packet, decoder, verified
 
     # -- a session ---------------------------------------------------------------------------

@@ -116,7 +116,9 @@ def negotiate(path: DataPath, minor: int, options: dict[str, str]) -> list[m.Bac
 def test_protocol_3_2_with_options_is_negotiated_down_to_3_0(path: DataPath) -> None:
     options = {"_pq_.command_marker": "on", "_pq_.other": "1"}
     messages = negotiate(path, 2, options)
-    assert messages[0] == m.NegotiateProtocolVersion(0, ("_pq_.command_marker", "_pq_.other"))
+    assert messages[0] == m.NegotiateProtocolVersion(
+        m.PROTOCOL_3_0, ("_pq_.command_marker", "_pq_.other")
+    )
     assert isinstance(messages[1], m.AuthenticationOk)
     assert isinstance(messages[-1], m.ReadyForQuery)
     # the server never saw the options (PostgreSQL 15 would refuse an unknown one)
@@ -125,13 +127,13 @@ def test_protocol_3_2_with_options_is_negotiated_down_to_3_0(path: DataPath) -> 
 
 def test_protocol_3_2_alone_gets_the_newest_minor(path: DataPath) -> None:
     messages = negotiate(path, 2, {})
-    assert messages[0] == m.NegotiateProtocolVersion(0, ())
+    assert messages[0] == m.NegotiateProtocolVersion(m.PROTOCOL_3_0, ())
     assert isinstance(messages[-1], m.ReadyForQuery)
 
 
 def test_options_alone_on_3_0_are_listed(path: DataPath) -> None:
     messages = negotiate(path, 0, {"_pq_.x": "y"})
-    assert messages[0] == m.NegotiateProtocolVersion(0, ("_pq_.x",))
+    assert messages[0] == m.NegotiateProtocolVersion(m.PROTOCOL_3_0, ("_pq_.x",))
     assert isinstance(messages[-1], m.ReadyForQuery)
 
 

@@ -88,3 +88,38 @@ def test_pg_dump_and_parallel_pg_restore_through_the_proxy(
     run(["pg_restore", "-j", "2", "-d", alice.dsn("bench"), str(archive)], alice.env)
     assert _dump(["-d", alice.dsn("bench")], alice.env) == through
     alice.query("drop schema dump_src cascade", dbname="bench")
+
+
+def _connect_outcome(dsn: str, **options: str) -> str:
+    """What psycopg's libpq says of a connection: the protocol and user, or its error's
+    first line (without the address, which differs between the two paths)."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=10, **options) as conn:
+            user = conn.execute("select current_user").fetchone()
+            return f"protocol {conn.info.pgconn.protocol_version}, {user}"
+    except psycopg.OperationalError as exc:
+        return str(exc).splitlines()[0].rsplit(" failed: ", 1)[-1]
+
+
+@pytest.mark.parametrize("options", [
+    {"max_protocol_version": "latest"},
+    {"max_protocol_version": "3.2"},
+    {"min_protocol_version": "3.2"},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_libpq_18_protocol_negotiation_goes_as_directly(
+    cluster: E2ECluster, alice: Person, options: dict[str, str]
+) -> None:
+    """libpq 18 (psycopg's) asking for protocol 3.2: PostgreSQL 15 answers
+    NegotiateProtocolVersion with 3.0 and libpq goes on with 3.0, or stops with its own
+    message when 3.2 is the least it accepts. Through the proxy exactly the same."""
+    assert cluster.pg is not None
+    if psycopg.pq.version() < 180000:
+        pytest.skip(f"psycopg's libpq is {psycopg.pq.version()}: no protocol 3.2 to ask for")
+    direct = f"host={cluster.pg.socket_dir} port={cluster.pg.port} user=alice dbname=bench"
+    with alice.libpq_env():
+        through = _connect_outcome(alice.dsn("bench"), **options)
+    assert through == _connect_outcome(direct, **options)
+    if "min_protocol_version" in options:
+        assert "server only supports protocol version 3.0" in through
+    else:
+        assert through == "protocol 3, ('alice',)"

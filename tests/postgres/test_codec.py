@@ -416,12 +416,15 @@ def test_a_3_0_startup_has_no_protocol_options() -> None:
     assert (msg.minor_version, msg.protocol_options) == (0, ())
 
 
-def test_negotiate_protocol_version_round_trip() -> None:
-    wire = encode(m.NegotiateProtocolVersion(0, ("_pq_.a", "_pq_.b")))
-    assert wire[:1] == b"v"
+def test_negotiate_protocol_version_carries_the_whole_version_number() -> None:
+    # PostgreSQL sends its newest protocol as (3 << 16) | minor: libpq 18 reads a bare
+    # minor (0) as "server requested downgrade to pre-3.0 protocol version" and gives up.
+    message = m.NegotiateProtocolVersion(m.PROTOCOL_3_0, ("_pq_.a", "_pq_.b"))
+    wire = encode(message)
+    assert wire == b"v" + struct.pack("!iii", 4 + 8 + 14, 0x30000, 2) + b"_pq_.a\0_pq_.b\0"
     decoder = MessageDecoder(BACKEND)
     decoder.receive_data(wire)
-    assert decoder.next_message() == m.NegotiateProtocolVersion(0, ("_pq_.a", "_pq_.b"))
+    assert decoder.next_message() == message
 
 
 @pytest.mark.parametrize("minor", [-1, 0x10000])
