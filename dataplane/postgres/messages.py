@@ -25,6 +25,7 @@ from typing import ClassVar, Literal
 
 PROTOCOL_3_0 = 196608  # (3 << 16) | 0
 PROTOCOL_OPTION_PREFIX = "_pq_."
+ALPN_PROTOCOL = "postgresql"  # TLS ALPN name of the protocol (PostgreSQL 17, direct TLS)
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102

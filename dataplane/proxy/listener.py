@@ -3,11 +3,15 @@
 On the web port (3080) one address serves the HTTPS API and PostgreSQL clients. For each
 accepted socket the listener waits until it is readable and peeks (`MSG_PEEK`, nothing is
 consumed) at the first 8 bytes:
-- 0x16, a TLS record (ClientHello): the HTTPS API, handed over with every byte unread;
+- 0x16, a TLS record (ClientHello): the whole first record is peeked (at most 16 KiB);
+  a ClientHello that offers the ALPN protocol "postgresql" is a PostgreSQL client starting
+  TLS at once (PostgreSQL 17's direct TLS, `sslnegotiation=direct`): the PostgreSQL
+  frontend; any other TLS is the HTTPS API, handed over with every byte unread;
 - a PostgreSQL startup packet (a length of 8..10,000 and SSLRequest, GSSENCRequest,
   CancelRequest or protocol 3.0): the PostgreSQL frontend;
 - anything else, or nothing within `first_bytes_timeout` (10 s): closed.
-The optional `postgres_listen_addr` uses the same dispatcher without an API.
+The optional `postgres_listen_addr` uses the same dispatcher without an API: TLS there must
+offer "postgresql" (as PostgreSQL 17 requires of direct TLS), or it is closed.
 
 Never: read (consume) a byte before the connection's owner is decided, spin on a socket
 that has sent fewer than 8 bytes, or keep a silent connection past the timeout.
@@ -30,6 +34,7 @@ from dataplane.postgres.messages import (
     PROTOCOL_3_0,
     SSL_REQUEST_CODE,
 )
+from dataplane.proxy.client_hello import POSTGRESQL, offered_alpn, record_size
 from dataplane.tunnel.accept import Acceptor, bind_listener
 
 logger = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ Handler = Callable[[socket.socket, str], Awaitable[None]]
 class Kind(Enum):
     TLS = "tls"
     POSTGRES = "postgres"
+    POSTGRES_TLS = "postgres-direct-tls"
     UNKNOWN = "unknown"
     NEED_MORE = "need-more"
 
@@ -68,6 +74,14 @@ def classify(head: bytes) -> Kind:
     return Kind.UNKNOWN
 
 
+def classify_tls(record: bytes) -> Kind:
+    """What a connection that starts with a TLS record is, from the bytes peeked so far."""
+    offered = offered_alpn(record)
+    if offered is None:
+        return Kind.NEED_MORE
+    return Kind.POSTGRES_TLS if POSTGRESQL in offered else Kind.TLS
+
+
 class PeekListener:
     """Accepts on one address and dispatches each connection by its first bytes."""
 
@@ -76,9 +90,12 @@ class PeekListener:
         on_postgres: Handler,
         on_tls: Handler | None,
         *,
+        on_postgres_tls: Handler | None = None,
         first_bytes_timeout: float = FIRST_BYTES_TIMEOUT,
     ) -> None:
-        self._on_postgres = on_postgres
+        self._handlers = {
+            Kind.POSTGRES: on_postgres, Kind.TLS: on_tls, Kind.POSTGRES_TLS: on_postgres_tls,
+        }
         self._on_tls = on_tls
         self.first_bytes_timeout = first_bytes_timeout
         self._acceptor: Acceptor | None = None
@@ -144,6 +161,17 @@ class PeekListener:
             self._drop(fd)  # closed before saying anything
             return
         kind = classify(head)
+        if kind is Kind.TLS:
+            size = record_size(head)
+            if size is not None and size > len(head):
+                try:
+                    head = sock.recv(size, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    self._drop(fd)
+                    return
+            kind = classify_tls(head)
         if kind is Kind.NEED_MORE:
             # Level-triggered readiness would call us again at once: look later instead.
             self._loop.remove_reader(fd)
@@ -152,12 +180,14 @@ class PeekListener:
         sock, timer = self._waiting.pop(fd)
         timer.cancel()
         self._loop.remove_reader(fd)
-        handler = self._on_postgres if kind is Kind.POSTGRES else (
-            self._on_tls if kind is Kind.TLS else None
-        )
+        handler = self._handlers.get(kind)
         if handler is None:
-            logger.info("connection from %s is neither PostgreSQL nor %s; closed", peer,
-                        "HTTPS" if self._on_tls else "accepted here")
+            if kind is Kind.TLS:
+                logger.info("connection from %s started TLS without offering the ALPN "
+                            "protocol 'postgresql' (direct TLS requires it); closed", peer)
+            else:
+                logger.info("connection from %s is neither PostgreSQL nor %s; closed", peer,
+                            "HTTPS" if self._on_tls else "accepted here")
             sock.close()
             return
         task = self._loop.create_task(self._run(handler, sock, peer))

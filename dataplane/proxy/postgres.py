@@ -11,7 +11,9 @@ For a connection the listener classified as PostgreSQL:
    ErrorResponse sent instead of `S`). GSSENCRequest is answered `N`; CancelRequest is
    routed (below); a StartupMessage outside TLS gets a FATAL "TLS is required"; one that
    asks for protocol 3.x (x > 0) or `_pq_.` options gets NegotiateProtocolVersion (3.0,
-   none of the options) first, as from PostgreSQL, and the session goes on with 3.0;
+   none of the options) first, as from PostgreSQL, and the session goes on with 3.0. A
+   client the listener saw start TLS at once (direct TLS, ALPN "postgresql") goes straight
+   to the handshake (`handle_direct_tls`); the server context picks that ALPN protocol;
 2. the client's certificate is verified (`verify_identity`: usage db, route, cluster,
    expiry, with messages a person can act on) and the StartupMessage's user and database
    checked against the route (`resolve_target`);
@@ -148,7 +150,12 @@ class PostgresFrontend:
 
     # -- the connection ---------------------------------------------------------------------
 
-    async def handle(self, sock: socket.socket, peer: str) -> None:
+    async def handle_direct_tls(self, sock: socket.socket, peer: str) -> None:
+        """A client that starts TLS at once, without an SSLRequest (PostgreSQL 17's direct
+        TLS: the listener saw the ALPN protocol "postgresql" in its ClientHello)."""
+        await self.handle(sock, peer, direct_tls=True)
+
+    async def handle(self, sock: socket.socket, peer: str, *, direct_tls: bool = False) -> None:
         loop = asyncio.get_running_loop()
         inbox = Inbox(limit=2 * DEFAULT_MAX_STARTUP_SIZE)
         try:
@@ -159,7 +166,7 @@ class PostgresFrontend:
         try:
             async with asyncio.timeout(self.startup_timeout):
                 transport, packet, decoder, verified = await self._startup(
-                    transport, inbox, peer
+                    transport, inbox, peer, direct_tls
                 )
         except _HandshakeFailed:
             return  # the alert went out and the socket is closing: nothing more to say
@@ -201,14 +208,18 @@ class PostgresFrontend:
         transport.close()
 
     async def _startup(
-        self, transport: asyncio.Transport, inbox: Inbox, peer: str
+        self, transport: asyncio.Transport, inbox: Inbox, peer: str, direct_tls: bool
     ) -> tuple[asyncio.Transport, m.StartupPacket, StartupDecoder, bool]:
-        """The startup packets, TLS included: (transport, the StartupMessage or
-        CancelRequest, the decoder holding what followed, whether the TLS asked for a
-        client certificate verified against the user CAs of a bundle)."""
+        """The startup packets, TLS included (from the first byte when `direct_tls`):
+        (transport, the StartupMessage or CancelRequest, the decoder holding what followed,
+        whether the TLS asked for a client certificate verified against the user CAs of a
+        bundle)."""
         decoder = StartupDecoder()
         tls = False
         verified = False
+        if direct_tls:
+            transport, verified = await self._start_tls(transport, inbox, peer)
+            tls = True
         while True:
             packet = decoder.next_message()
             if packet is None:
@@ -220,25 +231,9 @@ class PostgresFrontend:
                         fatal(PROTOCOL_VIOLATION, "SSLRequest received inside TLS"),
                         "SSLRequest inside TLS",
                     )
-                bundle = self.bundles.current
-                # Before the first bundle there is no user CA to verify a client against;
-                # TLS without a client certificate still lets the client read (inside TLS,
-                # where libpq shows it) why it is refused. libpq discards an ErrorResponse
-                # sent instead of 'S' (CVE-2024-10977) and says only "server sent an error
-                # response during SSL exchange".
-                ctx = (
-                    self.contexts.postgres_server(bundle)
-                    if bundle is not None
-                    else self.contexts.postgres_server_without_bundle()
-                )
                 inbox.write(b"S")
-                try:
-                    transport = await accept_tls(transport, inbox, ctx, inbox.take())
-                except TlsHandshakeFailed as exc:
-                    logger.info("TLS with PostgreSQL client %s failed: %s", peer, exc.reason)
-                    raise _HandshakeFailed(exc.reason) from None
+                transport, verified = await self._start_tls(transport, inbox, peer)
                 tls = True
-                verified = bundle is not None
             elif isinstance(packet, m.GSSENCRequest):
                 inbox.write(b"N")
             elif isinstance(packet, m.CancelRequest):
@@ -256,6 +251,28 @@ class PostgresFrontend:
                         m.NegotiateProtocolVersion(m.PROTOCOL_3_0, packet.protocol_options)
                     ))
                 return transport, packet, decoder, verified
+
+    async def _start_tls(
+        self, transport: asyncio.Transport, inbox: Inbox, peer: str
+    ) -> tuple[asyncio.Transport, bool]:
+        """TLS with the client: (its transport, whether a client certificate was asked for
+        and verified against the user CAs of a bundle)."""
+        bundle = self.bundles.current
+        # Before the first bundle there is no user CA to verify a client against; TLS
+        # without a client certificate still lets the client read (inside TLS, where libpq
+        # shows it) why it is refused. libpq discards an ErrorResponse sent instead of 'S'
+        # (CVE-2024-10977) and says only "server sent an error response during SSL exchange".
+        ctx = (
+            self.contexts.postgres_server(bundle)
+            if bundle is not None
+            else self.contexts.postgres_server_without_bundle()
+        )
+        try:
+            tls = await accept_tls(transport, inbox, ctx, inbox.take())
+        except TlsHandshakeFailed as exc:
+            logger.info("TLS with PostgreSQL client %s failed: %s", peer, exc.reason)
+            raise _HandshakeFailed(exc.reason) from None
+        return tls, bundle is not None
 
     # -- a session ---------------------------------------------------------------------------
 

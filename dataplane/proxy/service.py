@@ -163,11 +163,13 @@ class ProxyService:
             if self.tunnel is not None and self.tunnel_addr is not None:
                 self.tunnel_address = await self.tunnel.listen(*self.tunnel_addr)
             if self.web_addr is not None:
-                web = PeekListener(self.frontend.handle, self._api)
+                web = PeekListener(self.frontend.handle, self._api,
+                                   on_postgres_tls=self.frontend.handle_direct_tls)
                 self._listeners.append(web)
                 self.web_address = await web.listen(*self.web_addr)
             if self.postgres_addr is not None:
-                pg = PeekListener(self.frontend.handle, None)
+                pg = PeekListener(self.frontend.handle, None,
+                                  on_postgres_tls=self.frontend.handle_direct_tls)
                 self._listeners.append(pg)
                 self.postgres_address = await pg.listen(*self.postgres_addr)
         except BaseException:

@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from cryptography import x509
 
+from dataplane.postgres.messages import ALPN_PROTOCOL
 from schemas.audit import AuditEvent, EncodedEvent
 from schemas.bundle import Bundle
 from schemas.identity import (
@@ -276,7 +277,7 @@ class TlsContexts:
         def build() -> ssl.SSLContext:
             ctx = server_context(creds.cert_pem, creds.key_pem, list(user_cas), "optional")
             ctx.verify_flags = ssl.VerifyFlags(int(ctx.verify_flags) | _NO_CHECK_TIME)
-            _no_tickets(ctx)
+            _postgres_tls(ctx)
             return ctx
 
         return self._get("postgres-server", (id(creds), user_cas), build)
@@ -290,7 +291,7 @@ class TlsContexts:
 
         def build() -> ssl.SSLContext:
             ctx = server_context(creds.cert_pem, creds.key_pem)
-            _no_tickets(ctx)
+            _postgres_tls(ctx)
             return ctx
 
         return self._get("postgres-server-without-bundle", id(creds), build)
@@ -299,6 +300,14 @@ class TlsContexts:
         """The proxy's web port answering by itself (the control plane it relays the API to
         is unreachable): TLS with the host certificate, no client certificate asked for."""
         return self.postgres_server_without_bundle()
+
+
+def _postgres_tls(ctx: ssl.SSLContext) -> None:
+    """What the proxy's PostgreSQL side adds to a server context: the ALPN protocol
+    "postgresql" chosen when offered (libpq 17 and later offer it, and require it back when
+    they start TLS at once, `sslnegotiation=direct`), and no session tickets."""
+    ctx.set_alpn_protocols([ALPN_PROTOCOL])
+    _no_tickets(ctx)
 
 
 def _no_tickets(ctx: ssl.SSLContext) -> None:

@@ -68,7 +68,8 @@ def test_dispatch_leaves_every_byte_unread_for_the_owner() -> None:
         listener = PeekListener(owner("postgres"), owner("tls"))
         host, port = await listener.listen("127.0.0.1", 0)
         try:
-            for data in (b"\x16\x03\x01hello", encode(m.SSLRequest())):
+            hello = b"\x16\x03\x01\x00\x05hello"  # a whole TLS record
+            for data in (hello, encode(m.SSLRequest())):
                 _, writer = await asyncio.open_connection(host, port)
                 for byte in data:  # one byte at a time: the listener waits for 8
                     writer.write(bytes([byte]))
@@ -76,7 +77,7 @@ def test_dispatch_leaves_every_byte_unread_for_the_owner() -> None:
                     await asyncio.sleep(0.01)
                 writer.close()
             await asyncio.wait_for(done.wait(), 5)
-            assert got == {"tls": b"\x16\x03\x01hello", "postgres": encode(m.SSLRequest())}
+            assert got == {"tls": hello, "postgres": encode(m.SSLRequest())}
         finally:
             await listener.close()
 

@@ -123,3 +123,16 @@ def test_libpq_18_protocol_negotiation_goes_as_directly(
         assert "server only supports protocol version 3.0" in through
     else:
         assert through == "protocol 3, ('alice',)"
+
+
+def test_direct_tls_of_postgresql_17_clients_through_the_proxy(
+    cluster: E2ECluster, alice: Person
+) -> None:
+    """`sslnegotiation=direct` (libpq 17+): TLS from the first byte with the ALPN protocol
+    "postgresql", on the web port that also serves the API (`tsh` logged in through it)."""
+    if psycopg.pq.version() < 170000:
+        pytest.skip(f"psycopg's libpq is {psycopg.pq.version()}: no direct TLS")
+    with alice.libpq_env():
+        assert _connect_outcome(alice.dsn("bench"), sslnegotiation="direct") == (
+            "protocol 3, ('alice',)"
+        )
