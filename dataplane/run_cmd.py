@@ -72,15 +72,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sha256:<hex> of the cluster's host CA (`tctl status`); without it the first "
         "join trusts the server it reaches, with a warning",
     )
-    g = p.add_argument_group("database (role db)")
-    g.add_argument("--db-name")
-    g.add_argument("--db-protocol")
-    g.add_argument("--db-uri")
-    g.add_argument("--db-aws-region")
-    g.add_argument("--db-ca-cert")
-    g.add_argument("--db-description", default="")
-    g.add_argument("--labels", help="static labels, e.g. env=test,team=payments")
+    add_database_flags(p.add_argument_group("database (role db; seed 001 flags)"))
     p.set_defaults(func=run)
+
+
+def add_database_flags(group: argparse._ArgumentGroup) -> None:
+    """Seed 001's flags for the one database an agent serves (`database_from_flags` reads
+    them): `teleport-agent run --role=db` and `teleport start` take the same ones."""
+    group.add_argument("--db-name", help="name of the database to serve")
+    group.add_argument("--db-protocol", help="database protocol: postgres")
+    group.add_argument("--db-uri", help="database address host:port")
+    group.add_argument("--db-aws-region",
+                       help="AWS region of an RDS/Aurora database (IAM auth)")
+    group.add_argument("--db-ca-cert", help="CA certificate file to verify the database with")
+    group.add_argument("--db-description", default="", help="free-form description")
+    group.add_argument("--labels",
+                       help="static labels of the database, e.g. env=test,team=payments")
 
 
 class FlagError(ValueError):

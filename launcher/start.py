@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataplane.run_cmd import FlagError, database_from_flags
+from dataplane.run_cmd import FlagError, add_database_flags, database_from_flags
 from schemas.config import ConfigError, FileConfig, load_config, resolve_data_dir
 from transport.logs import configure_logging
 from transport.process import freeze_startup_heap, install_event_loop
@@ -65,14 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="address of the auth server or of a proxy's web port (host:port)",
     )
     g.add_argument("--ca-pin", help="sha256:<hex> of the cluster's host CA, checked at join")
-    g = p.add_argument_group("database agent (seed 001 flags)")
-    g.add_argument("--db-name", help="name of the database to serve")
-    g.add_argument("--db-protocol", help="database protocol: postgres")
-    g.add_argument("--db-uri", help="database address host:port")
-    g.add_argument("--db-aws-region", help="AWS region of an RDS/Aurora database (IAM auth)")
-    g.add_argument("--db-ca-cert", help="CA certificate file to verify the database with")
-    g.add_argument("--db-description", default="", help="free-form description")
-    g.add_argument("--labels", help="static labels of the database, e.g. env=test,team=payments")
+    add_database_flags(p.add_argument_group("database agent (seed 001 flags)"))
     g = p.add_argument_group("auth service")
     g.add_argument(
         "--policy-repo",
