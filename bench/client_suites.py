@@ -1,23 +1,28 @@
-"""Run a PostgreSQL client library's own test suite directly and through both paths, and
+"""Run PostgreSQL client libraries' own test suites directly and through both paths, and
 show where the outcomes differ.
 
-    python -m bench.client_suites [--version X.Y.Z] [--keep]
+    python -m bench.client_suites [--suite asyncpg|pg8000] [--version X.Y.Z] [--keep]
 
-The suite is asyncpg's (its source distribution carries its tests, and they accept a
-running server through the PG* variables). The cluster is the one of
+The suites are those of asyncpg (a client in C/Cython) and pg8000 (pure Python, its own
+protocol code): their source distributions carry their tests. The cluster is the one of
 `bench.dataplane_bench` (one PostgreSQL with TLS and cert auth; an all-in-one `teleport
-start` and a separate proxy and agent); the suite then runs three times, as the same
+start` and a separate proxy and agent); each suite then runs three times, as the same
 database user:
 - direct-TLS: PGHOST/PGPORT of PostgreSQL, a db-CA client certificate;
 - all-in-one and distributed: the proxy's address and the files `tsh db login` wrote.
-The suite needs a superuser and other database names (it creates types, extensions and
+asyncpg's tests take the server from the PG* variables. pg8000's take it from a fixture
+(`db_kwargs`, user postgres with a password): the copy run here gets one that reads the
+same PG* variables and builds the TLS context from them, appended to its three conftest
+files; its `auth` directories are left out (they need servers set up for password, MD5,
+SCRAM and GSS logins, which no path here offers).
+The suites need a superuser and other database names (they create types, extensions and
 databases), so for this run the db user is made a superuser and the role allows every db
 user and db name (a push to the cluster's policy repository, as an administrator would).
-asyncpg is installed, with pytest, in a venv of its own under the run's directory (from
-PyPI, or the machine's pip configuration).
+Each library is installed, with pytest, in a venv of its own under the run's directory
+(from PyPI, or the machine's pip configuration).
 
-Printed: passed / failed / errors / skipped per path, then every test whose outcome
-through a path differs from direct, with the failure's first line. Tests that fail
+Printed per suite: passed / failed / errors / skipped per path, then every test whose
+outcome through a path differs from direct, with the failure's first line. Tests that fail
 directly too (they want a standby server, or the server's own files) show up in the counts
 only.
 """
@@ -33,6 +38,8 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -82,43 +89,91 @@ def open_up(b: Bench) -> None:
         wait_answers(target, 30, f"{target.conninfo} dbname=postgres")
 
 
-def fetch_asyncpg(root: Path, version: str | None) -> tuple[Path, Path]:
-    """A venv with asyncpg (and pytest), and the tests of the same version's sdist."""
-    venv = root / "suite-venv"
+@dataclass(frozen=True)
+class Suite:
+    package: str
+    tests: str  # the sdist's test directory, relative to its top
+    extra: tuple[str, ...] = ()  # what the tests import besides pytest
+    ignore: tuple[str, ...] = ()  # pytest --ignore-glob patterns
+    options: tuple[str, ...] = ()  # more pytest options
+    patch: Callable[[Path], None] | None = None  # points the suite at the PG* variables
+
+
+PG8000_TARGET = '''
+
+# Appended by teleport-db's bench/client_suites.py: the server under test, from the PG*
+# variables (direct, or a teleport-db proxy with the files `tsh db login` wrote).
+@pytest.fixture(scope="class")
+def db_kwargs():
+    import os
+    import ssl
+
+    context = ssl.create_default_context(cafile=os.environ["PGSSLROOTCERT"])
+    context.load_cert_chain(os.environ["PGSSLCERT"], os.environ["PGSSLKEY"])
+    return {
+        "user": os.environ["PGUSER"], "password": None, "host": os.environ["PGHOST"],
+        "port": int(os.environ["PGPORT"]), "database": os.environ["PGDATABASE"],
+        "ssl_context": context,
+    }
+'''
+
+
+def point_pg8000(top: Path) -> None:
+    for kind in ("dbapi", "legacy", "native"):
+        conftest = top / "test" / kind / "conftest.py"
+        conftest.write_text(conftest.read_text() + PG8000_TARGET)
+
+
+SUITES = {
+    "asyncpg": Suite("asyncpg", "tests", extra=("distro",)),
+    "pg8000": Suite("pg8000", "test", extra=("pytest-mock", "pytest-benchmark", "pytz"),
+                    ignore=("*/auth/*",), options=("--benchmark-disable",),
+                    patch=point_pg8000),
+}
+
+
+def fetch(root: Path, suite: Suite, version: str | None) -> tuple[Path, Path]:
+    """A venv with the library (and pytest), and the tests of the same version's sdist."""
+    venv = root / f"{suite.package}-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    wanted = f"asyncpg=={version}" if version else "asyncpg"
+    wanted = f"{suite.package}=={version}" if version else suite.package
     pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, wanted, "pytest", "distro"], check=True, timeout=600)
+    subprocess.run([*pip, wanted, "pytest", *suite.extra], check=True, timeout=600)
     installed = subprocess.run(
-        [str(py), "-c", "import asyncpg; print(asyncpg.__version__)"],
+        [str(py), "-c", "from importlib.metadata import version; "
+         f"print(version({suite.package!r}))"],
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
-    dl = root / "sdist"
+    dl = root / f"{suite.package}-sdist"
     subprocess.run(
         [str(py), "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
-         "--no-binary", ":all:", f"asyncpg=={installed}", "-d", str(dl)],
+         "--no-binary", ":all:", f"{suite.package}=={installed}", "-d", str(dl)],
         check=True, timeout=600,
     )  # fmt: skip
-    (archive,) = dl.glob("asyncpg-*.tar.gz")
-    suite = root / "asyncpg-suite"
+    (archive,) = dl.glob(f"{suite.package}-*.tar.gz")
+    unpacked = root / f"{suite.package}-suite"
     with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if "/tests/" in m.name]
-        tar.extractall(suite, members=members, filter="data")
-    (top,) = suite.iterdir()
-    print(f"asyncpg {installed}: {sum(1 for _ in (top / 'tests').glob('test_*.py'))} test "
-          "files", flush=True)
+        members = [m for m in tar.getmembers() if f"/{suite.tests}/" in m.name]
+        tar.extractall(unpacked, members=members, filter="data")
+    (top,) = unpacked.iterdir()
+    if suite.patch is not None:
+        suite.patch(top)
+    files = sum(1 for _ in (top / suite.tests).rglob("test_*.py"))
+    print(f"{suite.package} {installed}: {files} test files", flush=True)
     return py, top
 
 
-def run_suite(py: Path, suite: Path, env: dict[str, str], log: Path) -> dict[str, str]:
+def run_suite(py: Path, suite: Suite, top: Path, env: dict[str, str], log: Path
+              ) -> dict[str, str]:
     """test id -> 'PASSED' / 'FAILED: first line' / ... from one run of the suite."""
     argv = [
-        str(py), "-m", "pytest", "tests", "-p", "no:cacheprovider", "--import-mode=importlib",
-        "-q", "-rA", "--tb=line", "-o", "addopts=",
+        str(py), "-m", "pytest", suite.tests, "-p", "no:cacheprovider",
+        "--import-mode=importlib", "-q", "-rA", "--tb=line", "-o", "addopts=",
+        *(f"--ignore-glob={pattern}" for pattern in suite.ignore), *suite.options,
     ]  # fmt: skip
     with log.open("w") as out:
-        subprocess.run(argv, cwd=suite, env=env, stdout=out, stderr=subprocess.STDOUT,
+        subprocess.run(argv, cwd=top, env=env, stdout=out, stderr=subprocess.STDOUT,
                        timeout=SUITE_TIMEOUT, check=False)
     return parse_log(log)
 
@@ -144,28 +199,41 @@ def parse_log(log: Path) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", help="asyncpg version (default: the newest)")
+    parser.add_argument("--suite", choices=sorted(SUITES), action="append",
+                        help="which suite (repeatable; default: all)")
+    parser.add_argument("--version", help="the library's version (default: the newest); "
+                        "with one --suite only")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory")
     args = parser.parse_args()
+    names = args.suite or sorted(SUITES)
+    if args.version and len(names) != 1:
+        parser.error("--version needs exactly one --suite")
     root = Path(tempfile.mkdtemp(prefix="client-suites-"))
     print(f"run directory: {root}", flush=True)
     b = prepare(root)
+    all_results: dict[str, dict[str, dict[str, str]]] = {}
     try:
         open_up(b)
-        py, suite = fetch_asyncpg(root, args.version)
-        results: dict[str, dict[str, str]] = {}
-        for name in PATHS:
-            target = b.targets[name]
-            env = {k: v for k, v in b.base_env().items() if k != "PGSERVICEFILE"}
-            env.update(pg_env(target.conninfo, Path(target.env["PGSERVICEFILE"])))
-            started = time.monotonic()
-            results[name] = run_suite(py, suite, env, root / f"suite-{name}.log")
-            print(f"{name}: done in {time.monotonic() - started:.0f} s", flush=True)
+        for suite_name in names:
+            suite = SUITES[suite_name]
+            py, top = fetch(root, suite, args.version)
+            results = all_results[suite_name] = {}
+            for name in PATHS:
+                target = b.targets[name]
+                env = {k: v for k, v in b.base_env().items() if k != "PGSERVICEFILE"}
+                env.update(pg_env(target.conninfo, Path(target.env["PGSERVICEFILE"])))
+                started = time.monotonic()
+                log = root / f"{suite_name}-{name}.log"
+                results[name] = run_suite(py, suite, top, env, log)
+                print(f"{suite_name}, {name}: done in {time.monotonic() - started:.0f} s",
+                      flush=True)
     finally:
         b.stop()
         b.pg.stop()
         b.pg.destroy()
-    report(results)
+    for suite_name, results in all_results.items():
+        print(f"\n{suite_name}'s suite")
+        report(results)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0
@@ -173,7 +241,7 @@ def main() -> int:
 
 def report(results: dict[str, dict[str, str]]) -> None:
     kinds = ("PASSED", "FAILED", "ERROR", "SKIPPED")
-    print("\n| path | " + " | ".join(k.lower() for k in kinds) + " | differs from direct |")
+    print("| path | " + " | ".join(k.lower() for k in kinds) + " | differs from direct |")
     print("| --- |" + " --- |" * (len(kinds) + 1))
     direct = results["direct-TLS"]
     for name, outcomes in results.items():
