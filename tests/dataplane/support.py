@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -376,3 +377,18 @@ def conninfo_for(
         params["sslkey"] = str(cert.key_file)
     params.update(extra)
     return conninfo(**params)
+
+
+def client_hello(alpn: list[str] | None) -> bytes:
+    """The first flight of a real TLS client (Python's OpenSSL) offering `alpn`."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="db")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        return outgoing.read()
+    raise AssertionError("a TLS client finished its handshake alone")

@@ -8,8 +8,9 @@ import contextlib
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
+import psycopg
 import pytest
 import uvloop
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -18,7 +19,7 @@ from dataplane.postgres import encode
 from dataplane.postgres import messages as m
 from dataplane.proxy.listener import Kind, PeekListener, classify
 from tests.dataplane.conftest import DataPath, Pg
-from tests.dataplane.support import Pki, conninfo_for
+from tests.dataplane.support import Pki, client_hello, conninfo_for
 from tests.fixtures.pg import run_psql
 
 
@@ -47,41 +48,61 @@ def run(coro: Callable[[], Awaitable[None]]) -> None:
     uvloop.run(asyncio.wait_for(coro(), 30))
 
 
-def test_dispatch_leaves_every_byte_unread_for_the_owner() -> None:
+def dispatched(sends: list[tuple[bytes, int]], direct_tls: bool = False) -> dict[str, bytes]:
+    """What each owner of a listener received from connections that sent these bytes (each
+    in so many pieces, 20 ms apart) and closed: "postgres", "tls" (the API) and, when the
+    listener serves it, "postgres-tls" (direct TLS)."""
+    got: dict[str, bytes] = {}
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        got: dict[str, bytes] = {}
         done = asyncio.Event()
 
         def owner(kind: str) -> Callable[[socket.socket, str], Awaitable[None]]:
             async def handle(sock: socket.socket, peer: str) -> None:
                 data = b""
-                while chunk := await loop.sock_recv(sock, 100):  # to the client's close
+                while chunk := await loop.sock_recv(sock, 4096):  # to the client's close
                     data += chunk
                 got[kind] = data
                 sock.close()
-                if len(got) == 2:
+                if len(got) == len(sends):
                     done.set()
 
             return handle
 
-        listener = PeekListener(owner("postgres"), owner("tls"))
+        listener = PeekListener(owner("postgres"), owner("tls"),
+                                on_postgres_tls=owner("postgres-tls") if direct_tls else None)
         host, port = await listener.listen("127.0.0.1", 0)
         try:
-            hello = b"\x16\x03\x01\x00\x05hello"  # a whole TLS record
-            for data in (hello, encode(m.SSLRequest())):
+            for data, pieces in sends:
                 _, writer = await asyncio.open_connection(host, port)
-                for byte in data:  # one byte at a time: the listener waits for 8
-                    writer.write(bytes([byte]))
+                step = -(-len(data) // pieces)
+                for start in range(0, len(data), step):
+                    writer.write(data[start : start + step])
                     await writer.drain()
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.02)
                 writer.close()
             await asyncio.wait_for(done.wait(), 5)
-            assert got == {"tls": hello, "postgres": encode(m.SSLRequest())}
         finally:
             await listener.close()
 
     run(main)
+    return got
+
+
+def test_dispatch_leaves_every_byte_unread_for_the_owner() -> None:
+    hello = b"\x16\x03\x01\x00\x05hello"  # a whole TLS record
+    startup = encode(m.SSLRequest())
+    # one byte at a time: the listener waits for 8 (and for a whole TLS record)
+    got = dispatched([(hello, len(hello)), (startup, len(startup))])
+    assert got == {"tls": hello, "postgres": startup}
+
+
+def test_direct_tls_and_the_api_are_told_apart_by_their_alpn() -> None:
+    direct, api = client_hello(["postgresql"]), client_hello(["http/1.1"])
+    startup = encode(m.SSLRequest())
+    got = dispatched([(direct, 3), (api, 1), (startup, 1)], direct_tls=True)  # a hello in
+    assert got == {"postgres-tls": direct, "tls": api, "postgres": startup}  # pieces waits
 
 
 def test_garbage_and_silence_are_closed() -> None:
@@ -139,21 +160,48 @@ def test_an_oversized_or_broken_startup_is_refused(path: DataPath) -> None:
         assert answer.startswith(b"E") and b"FATAL" in answer
 
 
-@pytest.mark.slow
-def test_the_optional_postgres_port(pki: Pki, pg: Pg, signing_key: Ed25519PrivateKey) -> None:
+@pytest.fixture(scope="module")
+def postgres_port(pki: Pki, pg: Pg, signing_key: Ed25519PrivateKey
+                  ) -> Iterator[tuple[DataPath, int]]:
+    """A proxy with the optional `postgres_listen_addr`, an agent behind it, and that port."""
     dp = DataPath(pki, pg, signing_key)
     dp.bundle_bytes = dp.next_bundle()
     try:
         proxy = dp.start_proxy("proxy-pgport", postgres_addr=("127.0.0.1", 0))
         dp.start_agent("agent-pgport")
-        port = proxy.postgres_address[1]  # type: ignore[index]
-        dsn = conninfo_for(port, dp.cert("alice"), pki.host_ca_file, "alice", "main")
-        done = run_psql(dsn, "select 'postgres port'")
-        assert done.stdout.strip() == "postgres port", done.stderr
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(b"\x16\x03\x01\x00\x05hello")  # HTTPS is not served here
-            sock.settimeout(5)
-            with contextlib.suppress(ConnectionResetError):  # closed with unread bytes
-                assert sock.recv(100) == b""
+        yield dp, proxy.postgres_address[1]  # type: ignore[index]
     finally:
         dp.close()
+
+
+@pytest.mark.slow
+def test_the_optional_postgres_port(postgres_port: tuple[DataPath, int]) -> None:
+    dp, port = postgres_port
+    dsn = conninfo_for(port, dp.cert("alice"), dp.pki.host_ca_file, "alice", "main")
+    done = run_psql(dsn, "select 'postgres port'")
+    assert done.stdout.strip() == "postgres port", done.stderr
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"\x16\x03\x01\x00\x05hello")  # HTTPS is not served here
+        sock.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):  # closed with unread bytes
+            assert sock.recv(100) == b""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(psycopg.pq.version() < 170000,
+                    reason="psycopg's libpq has no sslnegotiation=direct")
+def test_direct_tls_on_the_postgres_port_needs_the_postgresql_alpn(
+    postgres_port: tuple[DataPath, int]
+) -> None:
+    dp, port = postgres_port
+    cert = dp.cert("alice")
+    dsn = conninfo_for(port, cert, dp.pki.host_ca_file, "alice", "main",
+                       sslnegotiation="direct")
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        assert conn.execute("select 'direct tls'").fetchone() == ("direct tls",)
+    # TLS at once without offering "postgresql": closed, as PostgreSQL 17 does.
+    ctx = ssl.create_default_context(cafile=str(dp.pki.host_ca_file))
+    ctx.load_cert_chain(str(cert.cert_file), str(cert.key_file))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            pytest.raises((ssl.SSLError, OSError)):
+        ctx.wrap_socket(raw, server_hostname="localhost")
