@@ -227,14 +227,15 @@ class EventWriter:
         """The `cls` event of this session with `values`: `id` and `time` are required, the
         other fields not given take their defaults."""
         parts = [self._head]
-        for key, name, default in _tail_fields(cls):
+        event_type, fields = _tail_fields(cls)
+        for key, name, default in fields:
             value = values.get(name, default)
             if value is _GIVEN:
                 raise KeyError(f"an audit event needs its {name!r}")
             parts.append(key)
             parts.append(self._json(value))
         parts.append(b"}")
-        return EncodedEvent(values["id"], _EVENT_TYPES[cls], b"".join(parts))
+        return EncodedEvent(values["id"], event_type, b"".join(parts))
 
     def query(self, event_id: str, time_ns: int, query: str, truncated: bool,
               outcomes: list[Outcome]) -> EncodedEvent:
@@ -295,28 +296,23 @@ class EventWriter:
         raise TypeError(f"an audit event value of type {kind.__name__}")
 
 
-_TAILS: dict[type, list[tuple[bytes, str, Any]]] = {}
+_TAILS: dict[type, tuple[str, list[tuple[bytes, str, Any]]]] = {}
 _GIVEN = object()  # the default of a field the writer must be given (`id`, `time`)
 
 
-def _tail_fields(cls: type[_Event]) -> list[tuple[bytes, str, Any]]:
-    """(`,"name":`, name, default) of the fields of `cls` after the session context."""
+def _tail_fields(cls: type[_Event]) -> tuple[str, list[tuple[bytes, str, Any]]]:
+    """The event type of `cls`, and (`,"name":`, name, default) of its fields after the
+    session context."""
     tail = _TAILS.get(cls)
     if tail is None:
-        tail = _TAILS[cls] = [
+        fields = cls.model_fields
+        tail = _TAILS[cls] = (fields["type"].default, [
             (b"," + encode_basestring(name).encode() + b":", name,
              _GIVEN if name in ("id", "time") else field.get_default(call_default_factory=True))
-            for name, field in cls.model_fields.items()
+            for name, field in fields.items()
             if name not in SessionContext.model_fields
-        ]
+        ])
     return tail
-
-
-_EVENT_TYPES: dict[type, str] = {
-    cls: cls.model_fields["type"].default
-    for cls in (SessionStartEvent, SessionEndEvent, QueryEvent, ParseEvent, BindEvent,
-                ExecuteEvent, CloseEvent, FunctionCallEvent)
-}
 
 
 def datetime_of(time_ns: int) -> datetime:
