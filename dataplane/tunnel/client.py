@@ -66,6 +66,7 @@ CONNECT_TIMEOUT = 10.0
 BACKOFF_START = 0.25
 BACKOFF_CAP = 4.0
 DATA_RETRY_DELAY = 0.5
+REFILL_DELAY = 0.02  # s: how long a taken data connection's replacement waits, if others are idle
 SESSION_REFRESH = 600.0  # take a newer TLS session ticket this often (they live 2 h)
 
 
@@ -350,7 +351,12 @@ class ProxyLink:
             self._idle -= 1
             if self._extra:
                 self._extra -= 1
-            self._pool_changed.set()
+            if self._idle:
+                # Others are still idle: dial the replacement once this session has had
+                # its turn on the loop, not in front of its database login.
+                asyncio.get_running_loop().call_later(REFILL_DELAY, self._pool_changed.set)
+            else:
+                self._pool_changed.set()
         if isinstance(frame, SessionStart):
             await self.handler.on_session(DataConn(transport, inbox, decoder), frame)
         elif isinstance(frame, CancelStart):
