@@ -7,6 +7,10 @@ the copy, optionally fed to a `MessageScanner` whose messages go to an observer 
 Backpressure is end to end: when a destination's transport calls `pause_writing`, the
 source transport stops reading until `resume_writing`; nothing here buffers without bound.
 
+`keep_server()` (optional) is asked when the client's Terminate arrives on its own: if it
+takes the server connection (the agent keeps it for the next session, dataplane/agent/
+reuse.py), the Terminate is not forwarded and only the client side is closed.
+
 `terminate(fatal)` ends a live session cleanly: the ErrorResponse goes to the client at the
 next message boundary of the server-to-client stream (finishing the message in flight
 first), then both sides are closed. `bytes_from_client` and `bytes_from_server` count what
@@ -200,6 +204,7 @@ class Relay:
         on_client_messages: Observer | None = None,
         on_server_messages: Observer | None = None,
         on_closed: Callable[[str], None] | None = None,
+        keep_server: Callable[[], bool] | None = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -208,6 +213,8 @@ class Relay:
         self._on_client_messages = on_client_messages
         self._on_server_messages = on_server_messages
         self.on_closed = on_closed
+        self.keep_server = keep_server
+        self._released = False  # the server connection went to keep_server's owner
         self._client_end = _End(self, True)
         self._server_end = _End(self, False)
         self.bytes_from_client = 0
@@ -263,6 +270,8 @@ class Relay:
     def _from_client(self, data: bytes) -> None:
         if self._closing:
             return
+        if data == _TERMINATE_MESSAGE and self.keep_server is not None and self._hand_over():
+            return
         self.server.write(data)
         self.bytes_from_client += len(data)
         scanner = self.client_scanner
@@ -293,6 +302,33 @@ class Relay:
             if messages and self._on_server_messages is not None:
                 self._on_server_messages(messages)
 
+    def _hand_over(self) -> bool:
+        """The client's Terminate, alone in its chunk: if `keep_server()` takes the server
+        connection (it installs its own protocol on it before returning True), the
+        Terminate is not forwarded and only the client side is closed."""
+        scanner = self.client_scanner
+        if self._fatal is not None or self._paused[0]:
+            return False
+        if scanner is not None and not scanner.at_boundary:
+            return False
+        if scanner is not None:
+            messages = scanner.feed(_TERMINATE_MESSAGE)
+            if self._on_client_messages is not None:
+                self._on_client_messages(messages)
+        self.bytes_from_client += len(_TERMINATE_MESSAGE)
+        assert self.keep_server is not None
+        if not self.keep_server():
+            self.server.write(_TERMINATE_MESSAGE)
+            return True
+        self.close_reason = "client disconnected"
+        self._closing = True
+        self._released = True
+        self._server_end.lost = True  # no longer ours: its new owner hears of its end
+        self._close_transport(self.client)
+        if self._client_end.lost:
+            self._report_closed()
+        return True
+
     def _scan_failed(self, side: str, exc: ProtocolError) -> None:
         # A stream we cannot follow cannot be audited: end the session (fail closed).
         logger.warning("closing a session: the %s broke the protocol: %s", side, exc)
@@ -302,7 +338,7 @@ class Relay:
 
     def _pause(self, client_side: bool) -> None:
         index = int(client_side)
-        if self._paused[index]:
+        if self._paused[index] or (self._released and not client_side):
             return
         self._paused[index] = True
         transport = self.client if client_side else self.server
@@ -340,7 +376,7 @@ class Relay:
             self.on_closed(self.close_reason)
 
     def _close_transport(self, transport: asyncio.Transport) -> None:
-        if transport.is_closing():
+        if transport.is_closing() or (self._released and transport is self.server):
             return
         if transport is self.client and self._paused[1]:
             self._paused[1] = False

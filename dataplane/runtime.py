@@ -265,6 +265,11 @@ async def build_agent(
         audit=shipper,
         password_provider=password_provider,
         proxies=_without(link.heartbeat.tunnel_addrs, local_tunnel_addr),
+        server_idle_timeout=(
+            parse_duration(config.server_idle_timeout).total_seconds()
+            if config.server_idle_timeout is not None
+            else 0.0
+        ),
     )
 
     def bundle_activated(bundle: object) -> None:

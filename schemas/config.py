@@ -246,12 +246,31 @@ class ResourceSelector(ConfigModel):
     labels: dict[str, Annotated[list[str], BeforeValidator(_listify)]]
 
 
+def _zero_is_off(value: Any) -> Any:
+    """`0`, `"0"` or `off` for a timeout that may be turned off: the zero duration."""
+    if value is False or (not isinstance(value, bool) and value in (0, "0", "off", "no")):
+        return None
+    return value
+
+
+# A duration, or 0 / "0" / off (stored as None): the feature it times is off.
+DurationOrOff = Annotated[Duration | None, BeforeValidator(_zero_is_off)]
+
+
 class DbService(ConfigModel):
     enabled: YesNo = True
     databases: list[DatabaseConfig] = Field(default_factory=list)
     resources: list[ResourceSelector] = Field(
         default_factory=list,
         description="also serve the bundle's databases whose labels match a selector",
+    )
+    server_idle_timeout: DurationOrOff = Field(
+        "10s",
+        description=(
+            "keep the server connection of a session that ended cleanly this long, reset "
+            "with DISCARD ALL, for the next session of the same user with the same db "
+            "user, db name and options; 0 closes every server connection with its session"
+        ),
     )
 
 

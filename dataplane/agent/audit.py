@@ -54,7 +54,7 @@ from schemas.audit import (
 logger = logging.getLogger(__name__)
 
 CLIENT_CAPTURE = b"QPBECF"
-CLIENT_REPORT = b"SX"
+CLIENT_REPORT = b"SXD"
 SERVER_CAPTURE = b"CEVZ"
 SERVER_REPORT = b"123Is"
 
@@ -250,6 +250,21 @@ class SessionRecorder:
         self._outcomes: dict[str, Outcome] = {}  # CommandComplete tags seen, parsed once
         self.fatal_from_server: str | None = None
         self.client_terminated = False  # the client said goodbye (Terminate)
+        self.status = b"I"  # the last ReadyForQuery's transaction status
+        self._unsynced = False  # a Describe since the last Sync (it may open a transaction)
+        self._overflowed = False  # requests were dropped from _pending: no longer counted
+
+    @property
+    def at_rest(self) -> bool:
+        """Whether the server has answered every request, outside a transaction, with no
+        extended-protocol message waiting for its Sync: its session holds no work."""
+        return (
+            not self._pending
+            and self.status == b"I"
+            and not self._unsynced
+            and not self._overflowed
+            and self.fatal_from_server is None
+        )
 
     @property
     def in_flight(self) -> bool:
@@ -313,16 +328,21 @@ class SessionRecorder:
     def _queue(self, request: _Request) -> None:
         self._pending.append(request)
         if len(self._pending) > MAX_PENDING:
+            self._overflowed = True
             self._finish(self._pending.popleft())
 
     def _client_message(self, message: ScannedMessage) -> None:
         code = message.type_code
         payload = message.payload or b""
         if code == b"S":
+            self._unsynced = False
             self._queue(_Request("sync"))
             return
         if code == b"X":
             self.client_terminated = True
+            return
+        if code == b"D":
+            self._unsynced = True
             return
         cursor = _Cursor(payload)
         if code == b"Q":
@@ -427,6 +447,7 @@ class SessionRecorder:
     def _server_message(self, message: ScannedMessage) -> None:
         code = message.type_code[0]
         if code == 0x5A:  # 'Z' ReadyForQuery: the batch is over
+            self.status = (message.payload or b"?")[:1]
             self._ready()
             return
         front = self._front()

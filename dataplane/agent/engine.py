@@ -9,7 +9,9 @@ tunnel, or in-process in the all-in-one):
    (`resolve_target`), then RBAC with `schemas.rbac.decide` (labels static + dynamic,
    roles from the certificate). A refusal is a FATAL ErrorResponse, SQLSTATE 28000, whose
    message says what was denied and why;
-3. log in to PostgreSQL (`UpstreamConnector`); a server error reaches the client unchanged;
+3. log in to PostgreSQL (`UpstreamConnector`), or take a server connection an earlier
+   session of the same person left clean (`ServerReuse`, dataplane/agent/reuse.py); a
+   server error reaches the client unchanged;
 4. greet the client as a server would (AuthenticationOk, the server's ParameterStatus,
    BackendKeyData with the server's process id and the proxy's secret, ReadyForQuery) in
    one write, and start the relay with scanners feeding the audit `SessionRecorder`.
@@ -42,20 +44,22 @@ from dataplane.agent.audit import (
     SessionRecorder,
 )
 from dataplane.agent.interfaces import AuditSink, DatabasesLike
+from dataplane.agent.reuse import ReuseKey, ServerReuse, reuse_key
 from dataplane.agent.sessions import Session, SessionRegistry
-from dataplane.agent.upstream import UpstreamConnector, UpstreamError
+from dataplane.agent.upstream import Upstream, UpstreamConnector, UpstreamError
 from dataplane.postgres import MessageScanner, encode, fatal
 from dataplane.postgres import messages as m
 from dataplane.postgres.errors import (
     ADMIN_SHUTDOWN,
     IDLE_SESSION_TIMEOUT,
     INVALID_AUTHORIZATION_SPECIFICATION,
+    TOO_MANY_CONNECTIONS,
 )
 from dataplane.relay import Inbox, Relay
 from dataplane.tunnel.frames import BackendKey, FrameError, SessionStart
 from dataplane.tunnel.hosts import BundleSourceLike, IdentityCache
 from dataplane.tunnel.routing import TargetRefused, resolve_target, upstream_parameters
-from schemas.bundle import Bundle
+from schemas.bundle import Bundle, BundleDatabase
 from schemas.durations import format_duration
 from schemas.identity import (
     Identity,
@@ -121,6 +125,7 @@ class PostgresEngine:
         audit: AuditSink | None,
         registry: SessionRegistry | None = None,
         now: Callable[[], datetime] | None = None,
+        reuse: ServerReuse | None = None,
     ) -> None:
         self.host_id = host_id
         self.bundles = bundles
@@ -128,6 +133,7 @@ class PostgresEngine:
         self.connector = connector
         self.audit = audit
         self.registry = registry if registry is not None else SessionRegistry()
+        self.reuse = reuse if reuse is not None else ServerReuse(0)
         self._now = now or (lambda: datetime.now(UTC))
         self.closing = False
         self.identities = IdentityCache()
@@ -201,10 +207,10 @@ class PostgresEngine:
             )
             return
 
+        parameters = upstream_parameters(start.startup)
+        key = reuse_key(spec, identity.username, db_user, db_name, parameters)
         try:
-            upstream = await self.connector.connect(
-                spec, db_user, db_name, upstream_parameters(start.startup)
-            )
+            upstream = await self._login(spec, key, db_user, db_name, parameters)
         except UpstreamError as exc:
             reason = str(exc.error) if exc.from_server else str(exc)
             refuse(f"could not log in to the database: {reason}", exc.error)
@@ -281,6 +287,9 @@ class PostgresEngine:
         )
         session.on_end.append(lambda _session: client.finish())
         relay.on_closed = lambda reason: self._ended_session(session, reason)
+        if self.reuse.enabled and recorder is not None:
+            parameters_now = [g for g in upstream.greeting if isinstance(g, m.ParameterStatus)]
+            relay.keep_server = lambda: self._keep_server(session, key, parameters_now)
         self.registry.add(session)
         self._ended.clear()
         if bundle.cluster.disconnect_expired_cert:
@@ -297,6 +306,38 @@ class PostgresEngine:
             client_gone=client.inbox.closed,
             server_gone=upstream.inbox.closed,
         )
+
+    async def _login(
+        self, spec: BundleDatabase, key: ReuseKey, db_user: str, db_name: str,
+        parameters: dict[str, str],
+    ) -> Upstream:
+        """A logged-in server connection: a kept one for `key`, else a new login. When the
+        database has no connection slot left and we keep some, they are given back first."""
+        taken = self.reuse.take(key) if self.reuse.enabled else None
+        if taken is not None:
+            transport, inbox, kept = taken
+            return Upstream(transport, inbox, kept.server_key, list(kept.greeting))
+        freed = 0
+        delay = 0.05
+        while True:
+            try:
+                return await self.connector.connect(spec, db_user, db_name, parameters)
+            except UpstreamError as exc:
+                full = exc.from_server and exc.error.sqlstate == TOO_MANY_CONNECTIONS
+                freed += self.reuse.close_all() if full else 0
+                if not full or not freed or delay > 0.5:
+                    raise
+            await asyncio.sleep(delay)  # the closed connections' server processes exit
+            delay *= 2
+
+    def _keep_server(
+        self, session: Session, key: ReuseKey, parameters: list[m.ParameterStatus]
+    ) -> bool:
+        """The client ended cleanly: keep its server connection if its session is at rest."""
+        recorder = session.recorder
+        if session.ending or recorder is None or not recorder.at_rest:
+            return False
+        return self.reuse.give_back(key, session.relay.server, session.server_key, parameters)
 
     def _request(
         self, identity: Identity, service: str, db_user: str, db_name: str
@@ -464,6 +505,7 @@ class PostgresEngine:
         self.closing = True
         for session in self.registry:
             self.terminate(session, f"the db agent {self.host_id} is shutting down")
+        await self.reuse.shutdown()
         try:
             async with asyncio.timeout(timeout):
                 await self._ended.wait()

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from dataplane.agent.engine import ClientSide, PostgresEngine
 from dataplane.agent.interfaces import AuditSink, DatabasesLike, DbClientCertsLike, PasswordProvider
+from dataplane.agent.reuse import SERVER_IDLE_TIMEOUT, ServerReuse
 from dataplane.agent.sessions import SessionRegistry
 from dataplane.agent.upstream import UpstreamConnector
 from dataplane.aws import RdsTokenProvider
@@ -69,6 +70,7 @@ class AgentService:
         proxies: Sequence[str] = (),
         pool_size: int = 8,
         tunnel_options: dict[str, float] | None = None,
+        server_idle_timeout: float = SERVER_IDLE_TIMEOUT,
     ) -> None:
         self.contexts = TlsContexts(credentials)
         self.bundles = bundles
@@ -87,6 +89,7 @@ class AgentService:
             connector=self.connector,
             audit=audit,
             registry=self.registry,
+            reuse=ServerReuse(server_idle_timeout),
         )
         self.tunnel = TunnelClient(
             self.contexts, bundles, self, pool_size=pool_size, link_options=tunnel_options

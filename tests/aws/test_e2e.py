@@ -16,6 +16,7 @@ profile with no credentials in it.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -55,10 +56,10 @@ class World:
     pg: PgServer
 
     def psql(
-        self, database: str, sql: str = "select 1", user: str = "alice"
+        self, database: str, sql: str = "select 1", user: str = "alice", **options: str
     ) -> tuple[int, str, str]:
         cert = self.path.cert(user, database)
-        done = run_psql(self.path.dsn(cert, user, "postgres"), sql)
+        done = run_psql(self.path.dsn(cert, user, "postgres", **options), sql)
         return done.returncode, done.stdout.strip(), done.stderr
 
     def attempts(self, standin: str) -> list[str]:
@@ -166,11 +167,18 @@ def test_psql_through_the_proxy_gets_rows_from_an_aws_database(world: World) -> 
     assert world.attempts("good")[before:] == ["accepted"]
 
 
-def test_every_connection_signs_a_fresh_token(world: World) -> None:
+def test_every_login_signs_a_fresh_token(world: World) -> None:
+    """Two logins (other startup options, so the first session's server connection, kept
+    by the agent, cannot serve the second), two tokens; a third session like the second
+    takes its kept connection and needs none."""
     before = len(world.attempts("good"))
-    for _ in range(2):
-        code, out, err = world.psql("aurora", "select 'again'")
+    for name in ("token-1", "token-2"):
+        code, out, err = world.psql("aurora", "select 'again'", application_name=name)
         assert code == 0 and out == "again", err
+    assert world.attempts("good")[before:] == ["accepted", "accepted"]
+    time.sleep(0.5)  # the agent resets the kept connection after psql has gone
+    code, out, err = world.psql("aurora", "select 'kept'", application_name="token-2")
+    assert code == 0 and out == "kept", err
     assert world.attempts("good")[before:] == ["accepted", "accepted"]
 
 

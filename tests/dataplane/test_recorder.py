@@ -208,3 +208,53 @@ def test_garbage_payloads_never_raise_into_the_relay(
     s.recorder.session_end(0, 0, "done")
     for event in s.events():
         parse_event(event.model_dump_json())
+
+
+# -- at rest: whether a session left its server with nothing under way (server reuse) --------
+
+
+def test_at_rest_only_when_every_request_is_answered_outside_a_transaction() -> None:
+    s = Session()
+    assert s.recorder.at_rest  # nothing asked yet
+    s.send(m.Query("select 1"))
+    assert not s.recorder.at_rest  # waiting for the answer
+    s.answer(m.CommandComplete("SELECT 1"), m.ReadyForQuery("I"))
+    assert s.recorder.at_rest
+    s.send(m.Query("begin"))
+    s.answer(m.CommandComplete("BEGIN"), m.ReadyForQuery("T"))
+    assert not s.recorder.at_rest  # inside a transaction
+    s.send(m.Query("select x"))
+    s.answer(error("42703", "no x"), m.ReadyForQuery("E"))
+    assert not s.recorder.at_rest  # inside a failed one
+    s.send(m.Query("rollback"))
+    s.answer(m.CommandComplete("ROLLBACK"), m.ReadyForQuery("I"))
+    assert s.recorder.at_rest
+
+
+def test_at_rest_waits_for_the_sync_of_the_extended_protocol() -> None:
+    s = Session()
+    s.send(m.Parse("", "select $1"), m.Bind("", "", (), (b"1",)), m.Describe("P"),
+           m.Execute(""))
+    assert not s.recorder.at_rest  # no Sync yet: an implicit transaction may be open
+    s.answer(m.ParseComplete(), m.BindComplete(), m.NoData(), m.CommandComplete("SELECT 1"))
+    assert not s.recorder.at_rest
+    s.send(m.Sync())
+    assert not s.recorder.at_rest
+    s.answer(m.ReadyForQuery("I"))
+    assert s.recorder.at_rest
+    s.send(m.Describe("S", "named"))  # a Describe alone starts a transaction too
+    assert not s.recorder.at_rest
+    s.send(m.Sync())
+    s.answer(m.NoData(), m.ReadyForQuery("I"))
+    assert s.recorder.at_rest
+
+
+def test_at_rest_not_in_the_middle_of_a_copy_or_after_a_fatal_error() -> None:
+    s = Session()
+    s.send(m.Query("copy t from stdin"), m.CopyData(b"1\n"))
+    assert not s.recorder.at_rest
+    s.send(m.CopyDone())
+    s.answer(m.CommandComplete("COPY 1"), m.ReadyForQuery("I"))
+    assert s.recorder.at_rest
+    s.answer(error("57P01", "terminating connection due to administrator command"))
+    assert not s.recorder.at_rest

@@ -243,3 +243,55 @@ def test_inbox_stops_reading_past_its_limit() -> None:
         theirs.close()
 
     run(main)
+
+
+def test_keep_server_takes_the_server_connection_at_the_clients_terminate() -> None:
+    """The Terminate is not forwarded; the client side closes; the server connection lives
+    on under the protocol its new owner installed."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        closed: list[str] = []
+        owner = Inbox()
+        seen: list[bytes] = []
+
+        def keep() -> bool:
+            owner.transport = r.server
+            r.server.set_protocol(owner)
+            return True
+
+        async with relay(
+            client_scanner=MessageScanner(report=b"QX"),
+            on_client_messages=lambda ms: seen.extend(x.type_code for x in ms),
+            on_closed=closed.append,
+            keep_server=keep,
+        ) as (r, client, server):
+            query = encode(m.Query("select 1"))
+            await loop.sock_sendall(client, query)
+            assert await recv_exactly(server, len(query)) == query
+            await loop.sock_sendall(client, encode(m.Terminate()))
+            assert await recv_all(client) == b""  # the client side is closed
+            assert closed == ["client disconnected"]
+            assert seen == [b"Q", b"X"]
+            with pytest.raises(BlockingIOError):
+                server.recv(1)  # the Terminate was not forwarded
+            await loop.sock_sendall(server, b"still ours")
+            assert await owner.receive() == b"still ours"
+            owner.write(b"reset")
+            assert await recv_exactly(server, 5) == b"reset"
+            r.server.close()
+            assert await recv_all(server) == b""
+
+    run(main)
+
+
+def test_keep_server_refusing_forwards_the_terminate() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with relay(keep_server=lambda: False) as (_r, client, server):
+            await loop.sock_sendall(client, encode(m.Terminate()))
+            assert await recv_exactly(server, 5) == encode(m.Terminate())
+            client.close()
+            assert await recv_all(server) == b""
+
+    run(main)

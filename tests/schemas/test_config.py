@@ -106,3 +106,15 @@ db_service:
         "teleport.yaml:9:13: db_service.databases[0].commands[0].name: dynamic label 'env' "
         "has the name of a static label; rename one of them"
     )
+
+
+def test_server_idle_timeout_defaults_to_ten_seconds_and_zero_turns_reuse_off() -> None:
+    assert load_config(Path("t.yaml"), "db_service: {}\n").db_service.server_idle_timeout == "10s"
+    for off in ("0", '"0"', "off", "no"):
+        config = load_config(Path("t.yaml"), f"db_service:\n  server_idle_timeout: {off}\n")
+        assert config.db_service.server_idle_timeout is None, off
+    config = load_config(Path("t.yaml"), "db_service:\n  server_idle_timeout: 1m\n")
+    assert config.db_service.server_idle_timeout == "1m"
+    with pytest.raises(ConfigError) as info:
+        load_config(Path("t.yaml"), "db_service:\n  server_idle_timeout: soon\n")
+    assert str(info.value).startswith("t.yaml:2:24: db_service.server_idle_timeout:")

@@ -1,0 +1,267 @@
+"""Server connections kept for the next session of the same person (`server_idle_timeout`).
+
+A PostgreSQL login is the dearest thing a session does: the server starts a process and
+both ends run a full TLS handshake (the server offers no resumption). Clients that open a
+connection per request pay it every time. So when a client ends its session cleanly, the
+agent keeps the server connection instead of closing it:
+
+- cleanly means: the client sent Terminate while every request it made had been answered,
+  outside any transaction (the last ReadyForQuery said idle), nothing of the extended
+  protocol left without its Sync, and the agent was not ending the session itself;
+- the agent then runs `DISCARD ALL` (closes cursors, drops temporary tables and prepared
+  statements, stops listening, releases advisory locks, resets every setting and the
+  session authorization); only if it completes with the server idle is the connection kept,
+  else it is closed;
+- a kept connection serves only a session with the same key: the same database, the same
+  Teleport user, db user and db name, and the same startup options. Never another person,
+  whatever db user they share. It is closed after `idle_timeout` seconds unused, when the
+  server sends anything meanwhile (pg_terminate_backend, a shutdown), when the database
+  refuses a new login for lack of connection slots (the engine frees them and retries), and
+  when the agent stops.
+
+RBAC, audit and the rest of a session are unchanged: each session is decided, recorded and
+ended as its own; only the login to the server is saved. What `DISCARD ALL` does not reset
+is the same as behind a pooler: `ALTER ROLE ... SET` changes made meanwhile take effect at
+the next new connection, and a procedural language's own session memory (PL/Python's `GD`)
+persists. `server_idle_timeout: 0` turns reuse off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from dataplane.postgres import BACKEND, MessageDecoder, ProtocolError, encode
+from dataplane.postgres import messages as m
+from dataplane.relay import ConnectionClosed, Inbox
+from schemas.bundle import BundleDatabase
+
+logger = logging.getLogger(__name__)
+
+SERVER_IDLE_TIMEOUT = 10.0  # s: the default of db_service.server_idle_timeout
+RESET_QUERY = "DISCARD ALL"
+RESET_TIMEOUT = 5.0  # s: a server that takes longer to reset is closed, not kept
+MAX_RESET_ANSWER = 64 * 1024  # bytes: DISCARD ALL answers with a few short messages
+PER_KEY = 8  # kept connections per key
+TOTAL = 64  # kept connections per agent
+_TERMINATE = encode(m.Terminate())
+
+ReuseKey = tuple[str, str, str, str, str, tuple[tuple[str, str], ...]]
+
+
+def reuse_key(
+    spec: BundleDatabase, username: str, db_user: str, db_name: str,
+    parameters: Mapping[str, str],
+) -> ReuseKey:
+    """What two sessions must share to use the same server connection."""
+    return (spec.name, spec.uri, username, db_user, db_name, tuple(sorted(parameters.items())))
+
+
+@dataclass(eq=False)
+class KeptServer:
+    """A logged-in, reset, idle server connection."""
+
+    key: ReuseKey
+    transport: asyncio.Transport
+    server_key: m.BackendKeyData | None
+    greeting: list[m.ParameterStatus] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+class _Watch(asyncio.Protocol):
+    """A kept connection's protocol: the server has nothing to say to an idle connection,
+    so anything it sends (a FATAL from pg_terminate_backend, a shutdown) ends it."""
+
+    def __init__(self, pool: ServerReuse, kept: KeptServer) -> None:
+        self.pool = pool
+        self.kept = kept
+
+    def data_received(self, data: bytes) -> None:
+        self.pool.drop(self.kept)
+
+    def eof_received(self) -> bool:
+        self.pool.drop(self.kept)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.drop(self.kept)
+
+
+def close_server(transport: asyncio.Transport) -> None:
+    """Say goodbye to the server (so its log shows no lost connection) and close."""
+    if transport.is_closing():
+        return
+    try:
+        transport.write(_TERMINATE)
+        transport.close()
+    except Exception:
+        transport.abort()
+
+
+class ServerReuse:
+    """The agent's kept server connections, by key."""
+
+    def __init__(self, idle_timeout: float, *, per_key: int = PER_KEY, total: int = TOTAL) -> None:
+        self.idle_timeout = idle_timeout
+        self.per_key = per_key
+        self.total = total
+        self._idle: dict[ReuseKey, list[KeptServer]] = {}
+        self._count = 0
+        self._resets: set[asyncio.Task[None]] = set()
+        self.reused = 0  # sessions that got a kept connection
+        self.closed = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.idle_timeout > 0 and not self.closed
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def resetting(self) -> int:
+        """Connections given back and still being reset."""
+        return len(self._resets)
+
+    # -- taking ---------------------------------------------------------------------------------
+
+    def take(self, key: ReuseKey) -> tuple[asyncio.Transport, Inbox, KeptServer] | None:
+        """A kept connection for `key`, its protocol now an Inbox; None if there is none."""
+        while True:
+            stack = self._idle.get(key)
+            if not stack:
+                return None
+            kept = stack[-1]
+            self._release(kept)
+            if kept.transport.is_closing():
+                continue
+            inbox = Inbox(limit=MAX_RESET_ANSWER)
+            inbox.transport = kept.transport
+            kept.transport.set_protocol(inbox)
+            self.reused += 1
+            return kept.transport, inbox, kept
+
+    # -- giving back ----------------------------------------------------------------------------
+
+    def give_back(
+        self,
+        key: ReuseKey,
+        transport: asyncio.Transport,
+        server_key: m.BackendKeyData | None,
+        greeting: list[m.ParameterStatus],
+    ) -> bool:
+        """Take over `transport` (a server connection whose client ended cleanly): its
+        protocol is replaced now, before the caller returns to the loop. It is reset, then
+        kept or closed. False (nothing taken over) when reuse is off or the connection is
+        gone."""
+        if not self.enabled or transport.is_closing():
+            return False
+        inbox = Inbox(limit=MAX_RESET_ANSWER)
+        inbox.transport = transport
+        transport.set_protocol(inbox)
+        task = asyncio.get_running_loop().create_task(
+            self._reset(key, transport, inbox, server_key, greeting)
+        )
+        self._resets.add(task)
+        task.add_done_callback(self._resets.discard)
+        return True
+
+    async def _reset(
+        self,
+        key: ReuseKey,
+        transport: asyncio.Transport,
+        inbox: Inbox,
+        server_key: m.BackendKeyData | None,
+        greeting: list[m.ParameterStatus],
+    ) -> None:
+        try:
+            async with asyncio.timeout(RESET_TIMEOUT):
+                parameters = await _discard_all(inbox, greeting)
+        except (TimeoutError, ConnectionClosed, ProtocolError) as exc:
+            logger.info("a server connection was not kept: %s", exc or type(exc).__name__)
+            close_server(transport)
+            return
+        if parameters is None or not self.enabled or transport.is_closing():
+            close_server(transport)
+            return
+        stack = self._idle.setdefault(key, [])
+        if len(stack) >= self.per_key or self._count >= self.total:
+            close_server(transport)
+            return
+        kept = KeptServer(key, transport, server_key, parameters)
+        transport.set_protocol(_Watch(self, kept))
+        kept.timer = asyncio.get_running_loop().call_later(self.idle_timeout, self.drop, kept)
+        stack.append(kept)
+        self._count += 1
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    def _release(self, kept: KeptServer) -> bool:
+        """Take `kept` out of the idle set; False if it was not in it."""
+        stack = self._idle.get(kept.key)
+        if not stack or kept not in stack:
+            return False
+        stack.remove(kept)
+        if not stack:
+            del self._idle[kept.key]
+        self._count -= 1
+        if kept.timer is not None:
+            kept.timer.cancel()
+            kept.timer = None
+        return True
+
+    def drop(self, kept: KeptServer) -> None:
+        """Close a kept connection (its time is up, or the server spoke or left)."""
+        if self._release(kept):
+            close_server(kept.transport)
+
+    def close_all(self) -> int:
+        """Close every kept connection (the database wants its slots back, or we stop);
+        the number closed."""
+        closed = 0
+        for stack in list(self._idle.values()):
+            for kept in list(stack):
+                self.drop(kept)
+                closed += 1
+        return closed
+
+    async def shutdown(self) -> None:
+        self.closed = True
+        for task in list(self._resets):
+            task.cancel()
+        if self._resets:
+            await asyncio.gather(*self._resets, return_exceptions=True)
+        self.close_all()
+
+
+async def _discard_all(
+    inbox: Inbox, greeting: list[m.ParameterStatus]
+) -> list[m.ParameterStatus] | None:
+    """Run DISCARD ALL; the session's parameters after it (the greeting, updated with what
+    the server reported), or None when it did not end idle and clean."""
+    inbox.write(encode(m.Query(RESET_QUERY)))
+    reader = MessageDecoder(BACKEND, max_message_size=MAX_RESET_ANSWER)
+    parameters = {p.name: p for p in greeting}
+    done = False
+    while True:
+        message = reader.next_message()
+        if message is None:
+            reader.receive_data(await inbox.receive())
+            continue
+        if isinstance(message, m.CommandComplete):
+            done = message.tag == RESET_QUERY
+        elif isinstance(message, m.ParameterStatus):
+            parameters[message.name] = message
+        elif isinstance(message, m.ReadyForQuery):
+            if message.status != "I" or not done:
+                return None
+            break
+        elif not isinstance(message, m.NoticeResponse):
+            logger.info("a server connection was not kept: %s after %s",
+                        type(message).__name__, RESET_QUERY)
+            return None
+    if reader.take_unprocessed() or inbox.take():
+        return None  # more than the answer: not a connection to trust with a session
+    return list(parameters.values())

@@ -1,0 +1,220 @@
+"""Server connections kept between sessions of the same person (db_service.server_idle_timeout).
+
+Real psycopg through the proxy and the agent to a real PostgreSQL: a kept connection is
+reset (DISCARD ALL) before its next session, serves only the same Teleport user with the
+same db user, db name and options, is never kept with work or a transaction left in it, is
+dropped when the server ends it, gives its slot back when the database is full, and goes
+when its idle time is up. Each session on it is audited as its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from dataplane.agent.engine import PostgresEngine
+from tests.dataplane.conftest import DataPath
+
+pytestmark = pytest.mark.slow
+
+
+def engine_of(path: DataPath) -> PostgresEngine:
+    return path.agents[0].service.engine  # type: ignore[union-attr, no-any-return]
+
+
+def kept(path: DataPath) -> int:
+    return path.agents[0].thread.call(lambda: len(engine_of(path).reuse))
+
+
+def wait_kept(path: DataPath, count: int, timeout: float = 5.0) -> None:
+    """The reset of a given-back connection runs after the client has gone: wait for it."""
+    deadline = time.monotonic() + timeout
+    while kept(path) != count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{kept(path)} kept server connections, not {count}")
+        time.sleep(0.02)
+
+
+def close_kept(path: DataPath, timeout: float = 5.0) -> None:
+    """Once every session has ended and its connection is reset, close what is kept."""
+    engine = engine_of(path)
+    deadline = time.monotonic() + timeout
+    while path.agents[0].thread.call(lambda: len(engine.registry) + engine.reuse.resetting):
+        if time.monotonic() > deadline:
+            raise AssertionError("sessions still running")
+        time.sleep(0.02)
+    path.agents[0].thread.call(engine.reuse.close_all)
+
+
+@pytest.fixture
+def clean(path: DataPath) -> Iterator[DataPath]:
+    """No kept connection from an earlier test; none left for the next."""
+    close_kept(path)
+    yield path
+    close_kept(path)
+
+
+def connect(path: DataPath, user: str = "alice", db_user: str = "alice", dbname: str = "main",
+            **extra: Any) -> psycopg.Connection[Any]:
+    dsn = path.dsn(path.cert(user), db_user, dbname, **extra)
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def backend_pid(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("select pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def backend_gone(path: DataPath, pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.pg.server.psql_admin(
+            f"select count(*) from pg_stat_activity where pid = {pid}"
+        ).strip() == "0":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def alice_may_be_bob(path: DataPath) -> Iterator[None]:
+    path.pg.server.psql_admin("grant bob to alice")
+    yield
+    path.pg.server.psql_admin("revoke bob from alice")
+
+
+@pytest.mark.usefixtures("alice_may_be_bob")
+def test_the_next_session_gets_the_server_connection_reset(clean: DataPath) -> None:
+    path = clean
+    with connect(path) as one:
+        first = backend_pid(one)
+        one.execute("set datestyle = 'German'")
+        one.execute("set search_path = nowhere")
+        one.execute("set my.flag = 'left behind'")
+        one.execute("create temp table left_behind (x int)")
+        one.execute("prepare left_behind as select 1")
+        one.execute("select pg_advisory_lock(4242)")
+        one.execute("listen left_behind")
+        one.execute("declare left_behind cursor with hold for select 1")
+        one.execute("set role bob")
+        assert one.execute("select current_user").fetchone() == ("bob",)
+        assert one.info.parameter_status("DateStyle") == "German, DMY"
+    wait_kept(path, 1)
+    with connect(path) as two:
+        assert backend_pid(two) == first  # the same server process: no new login
+        assert two.info.backend_pid == first
+        assert two.info.parameter_status("DateStyle") == "ISO, MDY"
+        row = two.execute(
+            "select current_user, session_user, current_setting('search_path'),"
+            " coalesce(current_setting('my.flag', true), ''),"
+            " to_regclass('pg_temp.left_behind') is null,"
+            " (select count(*) from pg_prepared_statements),"
+            " (select count(*) from pg_locks where locktype = 'advisory'"
+            "  and pid = pg_backend_pid()),"
+            " (select count(*) from pg_listening_channels()),"
+            " (select count(*) from pg_cursors)"
+        ).fetchone()
+        assert row == ("alice", "alice", '"$user", public', "", True, 0, 0, 0, 0)
+    wait_kept(path, 1)
+
+
+def test_each_session_on_a_kept_connection_is_audited_as_its_own(clean: DataPath) -> None:
+    path = clean
+    ids = []
+    for n in range(2):
+        with connect(path, application_name="reuse-audit") as conn:
+            conn.execute(f"select {n + 100} as reuse_audit")
+            ids.append(backend_pid(conn))
+        wait_kept(path, 1)
+    assert ids[0] == ids[1]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        queries = [e for e in path.audit.of_type("db.session.query")
+                   if "reuse_audit" in e.query]
+        ends = {e.session_id for e in path.audit.of_type("db.session.end")}
+        if len(queries) == 2 and all(q.session_id in ends for q in queries):
+            break
+        time.sleep(0.05)
+    assert [q.query for q in queries] == ["select 100 as reuse_audit", "select 101 as reuse_audit"]
+    assert queries[0].session_id != queries[1].session_id
+    starts = {e.session_id: e for e in path.audit.of_type("db.session.start")}
+    for query in queries:
+        assert starts[query.session_id].user == "alice"
+    assert all(q.session_id in ends for q in queries)
+
+
+def test_only_the_same_person_with_the_same_login_gets_it(clean: DataPath) -> None:
+    path = clean
+    with connect(path, application_name="reuse-a") as one:
+        first = backend_pid(one)
+    wait_kept(path, 1)
+    # another Teleport user as the same db user, and the same user with other options
+    with connect(path, user="bob", db_user="alice", application_name="reuse-a") as other:
+        assert backend_pid(other) != first
+    with connect(path, application_name="reuse-b") as other:
+        assert backend_pid(other) != first
+    with connect(path, dbname="bench", application_name="reuse-a") as other:
+        assert backend_pid(other) != first
+    with connect(path, application_name="reuse-a") as same:
+        assert backend_pid(same) == first
+
+
+def test_work_left_in_the_session_is_never_kept(clean: DataPath) -> None:
+    path = clean
+    path.pg.server.psql_admin("drop table if exists left_in_a_transaction", "bench")
+    one = connect(path, dbname="bench")
+    first = backend_pid(one)
+    one.execute("begin")
+    one.execute("create table left_in_a_transaction (x int)")
+    one.close()  # Terminate inside the transaction (leaving a `with` block would commit)
+    assert backend_gone(path, first)  # the open transaction went with its server process
+    assert kept(path) == 0
+    with connect(path, dbname="bench") as two:
+        assert backend_pid(two) != first
+        row = two.execute("select to_regclass('left_in_a_transaction') is null").fetchone()
+        assert row == (True,)
+
+
+def test_a_kept_connection_the_server_ended_is_not_handed_out(clean: DataPath) -> None:
+    path = clean
+    with connect(path) as one:
+        first = backend_pid(one)
+    wait_kept(path, 1)
+    path.pg.server.psql_admin(f"select pg_terminate_backend({first})")
+    wait_kept(path, 0)
+    with connect(path) as two:
+        assert backend_pid(two) != first
+        assert two.execute("select 1").fetchone() == (1,)
+
+
+def test_kept_connections_give_way_when_the_database_is_full(clean: DataPath) -> None:
+    path = clean
+    path.pg.server.psql_admin("alter role bob connection limit 1")
+    try:
+        with connect(path, db_user="bob", application_name="reuse-full-1") as one:
+            first = backend_pid(one)
+        wait_kept(path, 1)  # it holds bob's only slot
+        with connect(path, db_user="bob", application_name="reuse-full-2") as two:
+            assert backend_pid(two) != first
+        assert backend_gone(path, first)
+    finally:
+        path.pg.server.psql_admin("alter role bob connection limit -1")
+
+
+def test_a_kept_connection_goes_when_its_idle_time_is_up(clean: DataPath) -> None:
+    path = clean
+    reuse = engine_of(path).reuse
+    before = reuse.idle_timeout
+    path.agents[0].thread.call(setattr, reuse, "idle_timeout", 0.3)
+    try:
+        with connect(path) as one:
+            first = backend_pid(one)
+        assert backend_gone(path, first)
+        assert kept(path) == 0
+    finally:
+        path.agents[0].thread.call(setattr, reuse, "idle_timeout", before)
