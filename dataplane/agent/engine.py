@@ -289,7 +289,9 @@ class PostgresEngine:
         relay.on_closed = lambda reason: self._ended_session(session, reason)
         if self.reuse.enabled and recorder is not None:
             parameters_now = [g for g in upstream.greeting if isinstance(g, m.ParameterStatus)]
-            relay.keep_server = lambda: self._keep_server(session, key, parameters_now)
+            relay.keep_server = lambda: self._keep_server(
+                session, key, parameters_now, upstream.opened_at
+            )
         self.registry.add(session)
         self._ended.clear()
         if bundle.cluster.disconnect_expired_cert:
@@ -316,7 +318,9 @@ class PostgresEngine:
         taken = self.reuse.take(key) if self.reuse.enabled else None
         if taken is not None:
             transport, inbox, kept = taken
-            return Upstream(transport, inbox, kept.server_key, list(kept.greeting))
+            return Upstream(
+                transport, inbox, kept.server_key, list(kept.greeting), opened_at=kept.opened_at
+            )
         freed = 0
         delay = 0.05
         while True:
@@ -331,13 +335,16 @@ class PostgresEngine:
             delay *= 2
 
     def _keep_server(
-        self, session: Session, key: ReuseKey, parameters: list[m.ParameterStatus]
+        self, session: Session, key: ReuseKey, parameters: list[m.ParameterStatus],
+        opened_at: float,
     ) -> bool:
         """The client ended cleanly: keep its server connection if its session is at rest."""
         recorder = session.recorder
         if session.ending or recorder is None or not recorder.at_rest:
             return False
-        return self.reuse.give_back(key, session.relay.server, session.server_key, parameters)
+        return self.reuse.give_back(
+            key, session.relay.server, session.server_key, parameters, opened_at
+        )
 
     def _request(
         self, identity: Identity, service: str, db_user: str, db_name: str

@@ -17,7 +17,8 @@ agent keeps the server connection instead of closing it:
   whatever db user they share. It is closed after `idle_timeout` seconds unused, when the
   server sends anything meanwhile (pg_terminate_backend, a shutdown), when the database
   refuses a new login for lack of connection slots (the engine frees them and retries), and
-  when the agent stops.
+  when the agent stops. A connection is not kept again an hour after its login
+  (`MAX_LIFETIME`), so no login outlives a rotation of the agent's credentials for long.
 
 RBAC, audit and the rest of a session are unchanged: each session is decided, recorded and
 ended as its own; only the login to the server is saved. What `DISCARD ALL` does not reset
@@ -44,6 +45,7 @@ SERVER_IDLE_TIMEOUT = 10.0  # s: the default of db_service.server_idle_timeout
 RESET_QUERY = "DISCARD ALL"
 RESET_TIMEOUT = 5.0  # s: a server that takes longer to reset is closed, not kept
 MAX_RESET_ANSWER = 64 * 1024  # bytes: DISCARD ALL answers with a few short messages
+MAX_LIFETIME = 3600.0  # s: a server connection older than this is closed, not kept
 PER_KEY = 8  # kept connections per key
 TOTAL = 64  # kept connections per agent
 _TERMINATE = encode(m.Terminate())
@@ -67,6 +69,7 @@ class KeptServer:
     transport: asyncio.Transport
     server_key: m.BackendKeyData | None
     greeting: list[m.ParameterStatus] = field(default_factory=list)
+    opened_at: float = 0.0  # loop time of its login
     timer: asyncio.TimerHandle | None = None
 
 
@@ -103,8 +106,12 @@ def close_server(transport: asyncio.Transport) -> None:
 class ServerReuse:
     """The agent's kept server connections, by key."""
 
-    def __init__(self, idle_timeout: float, *, per_key: int = PER_KEY, total: int = TOTAL) -> None:
+    def __init__(
+        self, idle_timeout: float, *, per_key: int = PER_KEY, total: int = TOTAL,
+        max_lifetime: float = MAX_LIFETIME,
+    ) -> None:
         self.idle_timeout = idle_timeout
+        self.max_lifetime = max_lifetime
         self.per_key = per_key
         self.total = total
         self._idle: dict[ReuseKey, list[KeptServer]] = {}
@@ -151,34 +158,32 @@ class ServerReuse:
         transport: asyncio.Transport,
         server_key: m.BackendKeyData | None,
         greeting: list[m.ParameterStatus],
+        opened_at: float,
     ) -> bool:
-        """Take over `transport` (a server connection whose client ended cleanly): its
-        protocol is replaced now, before the caller returns to the loop. It is reset, then
-        kept or closed. False (nothing taken over) when reuse is off or the connection is
-        gone."""
+        """Take over `transport` (a server connection whose client ended cleanly, logged in
+        at loop time `opened_at`): its protocol is replaced now, before the caller returns to
+        the loop. It is reset, then kept or closed. False (nothing taken over) when reuse is
+        off, the connection is gone or has lived `max_lifetime`."""
+        loop = asyncio.get_running_loop()
         if not self.enabled or transport.is_closing():
+            return False
+        if loop.time() - opened_at > self.max_lifetime:
             return False
         inbox = Inbox(limit=MAX_RESET_ANSWER)
         inbox.transport = transport
         transport.set_protocol(inbox)
-        task = asyncio.get_running_loop().create_task(
-            self._reset(key, transport, inbox, server_key, greeting)
+        task = loop.create_task(
+            self._reset(KeptServer(key, transport, server_key, greeting, opened_at), inbox)
         )
         self._resets.add(task)
         task.add_done_callback(self._resets.discard)
         return True
 
-    async def _reset(
-        self,
-        key: ReuseKey,
-        transport: asyncio.Transport,
-        inbox: Inbox,
-        server_key: m.BackendKeyData | None,
-        greeting: list[m.ParameterStatus],
-    ) -> None:
+    async def _reset(self, kept: KeptServer, inbox: Inbox) -> None:
+        transport = kept.transport
         try:
             async with asyncio.timeout(RESET_TIMEOUT):
-                parameters = await _discard_all(inbox, greeting)
+                parameters = await _discard_all(inbox, kept.greeting)
         except (TimeoutError, ConnectionClosed, ProtocolError) as exc:
             logger.info("a server connection was not kept: %s", exc or type(exc).__name__)
             close_server(transport)
@@ -186,11 +191,11 @@ class ServerReuse:
         if parameters is None or not self.enabled or transport.is_closing():
             close_server(transport)
             return
-        stack = self._idle.setdefault(key, [])
+        stack = self._idle.setdefault(kept.key, [])
         if len(stack) >= self.per_key or self._count >= self.total:
             close_server(transport)
             return
-        kept = KeptServer(key, transport, server_key, parameters)
+        kept.greeting = parameters
         transport.set_protocol(_Watch(self, kept))
         kept.timer = asyncio.get_running_loop().call_later(self.idle_timeout, self.drop, kept)
         stack.append(kept)

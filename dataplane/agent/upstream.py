@@ -99,6 +99,7 @@ class Upstream:
     status: str = "I"
     pending: bytes = b""
     method: str = ""
+    opened_at: float = 0.0  # loop time of the login (kept connections: of their first)
 
 
 def _explained(spec: BundleDatabase, db_user: str, error: m.ErrorResponse) -> m.ErrorResponse:
@@ -268,7 +269,7 @@ class UpstreamConnector:
             inbox.write(encode(m.StartupMessage(startup)))
             auth = ClientAuthenticator(db_user, None)
             reader = MessageDecoder(BACKEND, max_message_size=MAX_LOGIN_MESSAGE)
-            up = Upstream(transport, inbox, None)
+            up = Upstream(transport, inbox, None, opened_at=asyncio.get_running_loop().time())
             while True:
                 message = reader.next_message()
                 if message is None:

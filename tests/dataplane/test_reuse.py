@@ -218,3 +218,17 @@ def test_a_kept_connection_goes_when_its_idle_time_is_up(clean: DataPath) -> Non
         assert kept(path) == 0
     finally:
         path.agents[0].thread.call(setattr, reuse, "idle_timeout", before)
+
+
+def test_a_connection_is_not_kept_past_its_lifetime(clean: DataPath) -> None:
+    path = clean
+    reuse = engine_of(path).reuse
+    before = reuse.max_lifetime
+    path.agents[0].thread.call(setattr, reuse, "max_lifetime", 0.0)
+    try:
+        with connect(path) as one:
+            first = backend_pid(one)
+        assert backend_gone(path, first)
+        assert kept(path) == 0
+    finally:
+        path.agents[0].thread.call(setattr, reuse, "max_lifetime", before)
