@@ -117,7 +117,6 @@ class ServerReuse:
         self._idle: dict[ReuseKey, list[KeptServer]] = {}
         self._count = 0
         self._resets: set[asyncio.Task[None]] = set()
-        self.reused = 0  # sessions that got a kept connection
         self.closed = False
 
     @property
@@ -147,7 +146,6 @@ class ServerReuse:
             inbox = Inbox(limit=MAX_RESET_ANSWER)
             inbox.transport = kept.transport
             kept.transport.set_protocol(inbox)
-            self.reused += 1
             return kept.transport, inbox, kept
 
     # -- giving back ----------------------------------------------------------------------------
