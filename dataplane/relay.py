@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from dataplane.postgres import MessageScanner, ProtocolError, ScannedMessage
 
@@ -43,6 +43,15 @@ TERMINATE_BOUNDARY_TIMEOUT = 1.0
 _TERMINATE_MESSAGE = b"X\x00\x00\x00\x04"
 
 Observer = Callable[[list[ScannedMessage]], None]
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class Decoder(Protocol[_T_co]):
+    """A sans-IO decoder (MessageDecoder, StartupDecoder): fed bytes, gives messages."""
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_message(self) -> _T_co | None: ...
 
 
 class ConnectionClosed(ConnectionError):
@@ -129,6 +138,13 @@ class Inbox(asyncio.Protocol):
             finally:
                 self._waiter = None
         return self.take()
+
+    async def next_message(self, decoder: Decoder[_T_co]) -> _T_co:
+        """`decoder`'s next message, fed with this connection's bytes until it has one
+        (raises ConnectionClosed as `receive` does)."""
+        while (message := decoder.next_message()) is None:
+            decoder.receive_data(await self.receive())
+        return message
 
     def take(self) -> bytes:
         """Whatever is buffered (possibly nothing), without waiting."""

@@ -247,7 +247,7 @@ class ResourceSelector(ConfigModel):
 
 
 def _zero_is_off(value: Any) -> Any:
-    """`0`, `"0"` or `off` for a timeout that may be turned off: the zero duration."""
+    """`0`, `"0"`, `off` or `no` for a timeout that may be turned off: None (off)."""
     if value is False or (not isinstance(value, bool) and value in (0, "0", "off", "no")):
         return None
     return value

@@ -249,10 +249,7 @@ async def _discard_all(
     parameters = {p.name: p for p in greeting}
     done = False
     while True:
-        message = reader.next_message()
-        if message is None:
-            reader.receive_data(await inbox.receive())
-            continue
+        message = await inbox.next_message(reader)
         if isinstance(message, m.CommandComplete):
             done = message.tag == RESET_QUERY
         elif isinstance(message, m.ParameterStatus):

@@ -271,10 +271,7 @@ class UpstreamConnector:
             reader = MessageDecoder(BACKEND, max_message_size=MAX_LOGIN_MESSAGE)
             up = Upstream(transport, inbox, None, opened_at=asyncio.get_running_loop().time())
             while True:
-                message = reader.next_message()
-                if message is None:
-                    reader.receive_data(await inbox.receive())
-                    continue
+                message = await inbox.next_message(reader)
                 if not auth.done:
                     try:
                         answers = auth.receive(message)

@@ -221,10 +221,7 @@ class PostgresFrontend:
             transport, verified = await self._start_tls(transport, inbox, peer)
             tls = True
         while True:
-            packet = decoder.next_message()
-            if packet is None:
-                decoder.receive_data(await inbox.receive())
-                continue
+            packet = await inbox.next_message(decoder)
             if isinstance(packet, m.SSLRequest):
                 if tls:
                     raise _Refused(

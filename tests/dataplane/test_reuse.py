@@ -206,29 +206,20 @@ def test_kept_connections_give_way_when_the_database_is_full(clean: DataPath) ->
         path.pg.server.psql_admin("alter role bob connection limit -1")
 
 
-def test_a_kept_connection_goes_when_its_idle_time_is_up(clean: DataPath) -> None:
+@pytest.mark.parametrize(
+    ("limit", "value"),
+    [("idle_timeout", 0.3), ("max_lifetime", 0.0)],
+    ids=["its idle time is up", "past its lifetime"],
+)
+def test_a_kept_connection_goes_when(clean: DataPath, limit: str, value: float) -> None:
     path = clean
     reuse = engine_of(path).reuse
-    before = reuse.idle_timeout
-    path.agents[0].thread.call(setattr, reuse, "idle_timeout", 0.3)
+    before = getattr(reuse, limit)
+    path.agents[0].thread.call(setattr, reuse, limit, value)
     try:
         with connect(path) as one:
             first = backend_pid(one)
         assert backend_gone(path, first)
         assert kept(path) == 0
     finally:
-        path.agents[0].thread.call(setattr, reuse, "idle_timeout", before)
-
-
-def test_a_connection_is_not_kept_past_its_lifetime(clean: DataPath) -> None:
-    path = clean
-    reuse = engine_of(path).reuse
-    before = reuse.max_lifetime
-    path.agents[0].thread.call(setattr, reuse, "max_lifetime", 0.0)
-    try:
-        with connect(path) as one:
-            first = backend_pid(one)
-        assert backend_gone(path, first)
-        assert kept(path) == 0
-    finally:
-        path.agents[0].thread.call(setattr, reuse, "max_lifetime", before)
+        path.agents[0].thread.call(setattr, reuse, limit, before)
