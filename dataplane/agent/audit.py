@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import secrets
 import struct
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,6 +66,9 @@ _ROW_TAGS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "FETCH",
 _NOT_EXECUTED = Outcome(
     status="error", message="not executed: an earlier message of the same batch failed"
 )
+# Statements that wait for every other connection to a database to go (DROP DATABASE,
+# ALTER DATABASE ... RENAME, CREATE DATABASE ... TEMPLATE): `on_database_command`.
+_DATABASE_COMMAND = re.compile(r"\b(?:create|alter|drop)\s+database\b", re.IGNORECASE | re.ASCII)
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
@@ -253,6 +258,10 @@ class SessionRecorder:
         self.status = b"I"  # the last ReadyForQuery's transaction status
         self._unsynced = False  # a Describe since the last Sync (it may open a transaction)
         self._overflowed = False  # requests were dropped from _pending: no longer counted
+        # Called when the client sends CREATE, ALTER or DROP DATABASE (simple or extended
+        # protocol): the agent then closes the idle server connections it keeps, which the
+        # server would otherwise wait for (and fail the statement after 5 s).
+        self.on_database_command: Callable[[], object] | None = None
 
     @property
     def at_rest(self) -> bool:
@@ -350,10 +359,12 @@ class SessionRecorder:
             complete = end >= 0
             text = (payload[:end] if complete else payload).decode("utf-8", "replace")
             truncated = message.truncated or not complete
+            self._check_database_command(text)
             self._queue(_Request("query", {"query": text, "truncated": truncated}))
         elif code == b"P":
             name, _ = cursor.cstr()
             query, complete = cursor.cstr()
+            self._check_database_command(query)
             self._remember(self._statements, name, query)
             self._queue(
                 _Request(
@@ -421,6 +432,11 @@ class SessionRecorder:
             formats = _formats(cursor)
             args = _values(cursor, formats)
             self._queue(_Request("function", {"function_oid": oid, "arguments": args}))
+
+    def _check_database_command(self, text: str) -> None:
+        callback = self.on_database_command
+        if callback is not None and "database" in text.lower() and _DATABASE_COMMAND.search(text):
+            callback()
 
     # -- the server's answers ----------------------------------------------------------------------
 

@@ -292,6 +292,7 @@ class PostgresEngine:
             relay.keep_server = lambda: self._keep_server(
                 session, key, parameters_now, upstream.opened_at
             )
+            recorder.on_database_command = self.reuse.close_all
         self.registry.add(session)
         self._ended.clear()
         if bundle.cluster.disconnect_expired_cert:

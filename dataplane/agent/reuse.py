@@ -16,9 +16,12 @@ agent keeps the server connection instead of closing it:
   Teleport user, db user and db name, and the same startup options. Never another person,
   whatever db user they share. It is closed after `idle_timeout` seconds unused, when the
   server sends anything meanwhile (pg_terminate_backend, a shutdown), when the database
-  refuses a new login for lack of connection slots (the engine frees them and retries), and
-  when the agent stops. A connection is not kept again an hour after its login
-  (`MAX_LIFETIME`), so no login outlives a rotation of the agent's credentials for long.
+  refuses a new login for lack of connection slots (the engine frees them and retries),
+  when a session sends CREATE, ALTER or DROP DATABASE (the server waits up to 5 s for
+  every other connection to the database to go, then fails the statement: a kept one never
+  would), and when the agent stops. A connection is not kept again an hour after its
+  login (`MAX_LIFETIME`), so no login outlives a rotation of the agent's credentials for
+  long.
 
 RBAC, audit and the rest of a session are unchanged: each session is decided, recorded and
 ended as its own; only the login to the server is saved. What `DISCARD ALL` does not reset
@@ -71,6 +74,7 @@ class KeptServer:
     greeting: list[m.ParameterStatus] = field(default_factory=list)
     opened_at: float = 0.0  # loop time of its login
     timer: asyncio.TimerHandle | None = None
+    generation: int = 0  # ServerReuse.generation when it was given back
 
 
 class _Watch(asyncio.Protocol):
@@ -117,6 +121,9 @@ class ServerReuse:
         self._idle: dict[ReuseKey, list[KeptServer]] = {}
         self._count = 0
         self._resets: set[asyncio.Task[None]] = set()
+        # close_all() counts up: a connection given back before it is not kept after its
+        # reset (the database may be waiting for it to go).
+        self.generation = 0
         self.closed = False
 
     @property
@@ -171,7 +178,11 @@ class ServerReuse:
         inbox.transport = transport
         transport.set_protocol(inbox)
         task = loop.create_task(
-            self._reset(KeptServer(key, transport, server_key, greeting, opened_at), inbox)
+            self._reset(
+                KeptServer(key, transport, server_key, greeting, opened_at,
+                           generation=self.generation),
+                inbox,
+            )
         )
         self._resets.add(task)
         task.add_done_callback(self._resets.discard)
@@ -186,7 +197,12 @@ class ServerReuse:
             logger.info("a server connection was not kept: %s", exc or type(exc).__name__)
             close_server(transport)
             return
-        if parameters is None or not self.enabled or transport.is_closing():
+        if (
+            parameters is None
+            or not self.enabled
+            or transport.is_closing()
+            or kept.generation != self.generation
+        ):
             close_server(transport)
             return
         stack = self._idle.setdefault(kept.key, [])
@@ -221,8 +237,10 @@ class ServerReuse:
             close_server(kept.transport)
 
     def close_all(self) -> int:
-        """Close every kept connection (the database wants its slots back, or we stop);
-        the number closed."""
+        """Close every kept connection (the database wants its slots back, or wants
+        none of them connected to a database it drops, or we stop), and keep none of those
+        being reset now; the number closed."""
+        self.generation += 1
         closed = 0
         for stack in list(self._idle.values()):
             for kept in list(stack):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -258,3 +259,44 @@ def test_at_rest_not_in_the_middle_of_a_copy_or_after_a_fatal_error() -> None:
     assert s.recorder.at_rest
     s.answer(error("57P01", "terminating connection due to administrator command"))
     assert not s.recorder.at_rest
+
+
+# -- database commands: the agent's kept server connections must go (server reuse) ----------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP DATABASE scratch",
+        "drop database if exists scratch",
+        "  Alter\n  DataBase scratch RENAME TO other",
+        "create database copy template scratch",
+        "select 1; drop database scratch",
+    ],
+)
+def test_database_commands_are_told_in_both_protocols(sql: str) -> None:
+    told: list[str] = []
+    for protocol, messages in (("simple", [m.Query(sql)]),
+                               ("extended", [m.Parse("", sql), m.Sync()])):
+        s = Session()
+        s.recorder.on_database_command = lambda: told.append(protocol)  # noqa: B023
+        s.send(*messages)
+    assert told == ["simple", "extended"]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "select current_database()",
+        "select datname from pg_database",
+        "create table database_notes (x int)",
+        "alter table databases rename to database_list",
+    ],
+)
+def test_other_statements_naming_a_database_are_not(sql: str) -> None:
+    # (one quoting "drop database" in a string is told: that costs a login, nothing else)
+    s = Session()
+    told: list[str] = []
+    s.recorder.on_database_command = lambda: told.append("told")
+    s.send(m.Query(sql), m.Parse("", sql), m.Sync())
+    assert told == []

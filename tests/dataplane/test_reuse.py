@@ -223,3 +223,41 @@ def test_a_kept_connection_goes_when(clean: DataPath, limit: str, value: float) 
         assert kept(path) == 0
     finally:
         path.agents[0].thread.call(setattr, reuse, limit, before)
+
+
+@pytest.fixture
+def alice_creates_databases(path: DataPath) -> Iterator[None]:
+    path.pg.server.psql_admin("alter role alice createdb")
+    yield
+    path.pg.server.psql_admin("alter role alice nocreatedb")
+    for name in ("scratch", "scratch_renamed", "scratch_copy"):
+        path.pg.server.psql_admin(f"drop database if exists {name}")
+
+
+@pytest.mark.usefixtures("alice_creates_databases")
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "drop database scratch",
+        "alter database scratch rename to scratch_renamed",
+        "create database scratch_copy template scratch",
+    ],
+)
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_a_database_someone_just_left_can_be_dropped(
+    clean: DataPath, sql: str, protocol: str
+) -> None:
+    # PostgreSQL waits up to 5 s for every other connection to such a database to go, then
+    # fails the statement: a kept connection would never go, though its client left.
+    path = clean
+    path.pg.server.psql_admin("create database scratch owner alice")
+    with connect(path, dbname="scratch") as one:
+        first = backend_pid(one)
+    wait_kept(path, 1)
+    with connect(path) as admin:
+        if protocol == "simple":
+            result = admin.pgconn.exec_(sql.encode())  # libpq's PQexec: one Query message
+            assert result.status == psycopg.pq.ExecStatus.COMMAND_OK, result.error_message
+        else:
+            admin.execute(sql, prepare=True)  # Parse, Bind, Execute, Sync (raises if it fails)
+    assert backend_gone(path, first)

@@ -1,0 +1,67 @@
+"""ServerReuse's reset of a given-back server connection, against a scripted server on a
+real socket pair: what it sends, and when it keeps or closes the connection."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from dataplane.agent.reuse import ServerReuse, reuse_key
+from dataplane.postgres import FRONTEND, MessageDecoder, encode
+from dataplane.postgres import messages as m
+from schemas.bundle import BundleDatabase
+
+KEY = reuse_key(BundleDatabase(name="pg", uri="localhost:5432"), "alice", "alice", "main", {})
+
+
+async def _given_back(reuse: ServerReuse) -> tuple[asyncio.Transport, socket.socket]:
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+    assert reuse.give_back(KEY, transport, m.BackendKeyData(1, 2), [], loop.time())
+    return transport, theirs
+
+
+async def _query_received(server: socket.socket) -> m.Query:
+    decoder = MessageDecoder(FRONTEND)
+    loop = asyncio.get_running_loop()
+    while (message := decoder.next_message()) is None:
+        decoder.receive_data(await loop.sock_recv(server, 4096))
+    assert isinstance(message, m.Query)
+    return message
+
+
+async def _reset_answered(close_all_first: bool) -> tuple[int, bytes]:
+    reuse = ServerReuse(10.0)
+    transport, server = await _given_back(reuse)
+    query = await _query_received(server)
+    assert query.query == "DISCARD ALL"
+    if close_all_first:
+        reuse.close_all()  # a session sent DROP DATABASE while this reset ran
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(
+        server, encode(m.CommandComplete("DISCARD ALL")) + encode(m.ReadyForQuery("I"))
+    )
+    await asyncio.sleep(0.05)
+    kept = len(reuse)
+    server.settimeout(0)
+    try:
+        after = server.recv(4096)
+    except BlockingIOError:
+        after = b"(nothing)"
+    await reuse.shutdown()
+    transport.abort()
+    server.close()
+    return kept, after
+
+
+def test_a_reset_connection_is_kept() -> None:
+    kept, after = asyncio.run(_reset_answered(close_all_first=False))
+    assert (kept, after) == (1, b"(nothing)")
+
+
+def test_one_given_back_before_close_all_is_closed_after_its_reset() -> None:
+    kept, after = asyncio.run(_reset_answered(close_all_first=True))
+    assert kept == 0
+    assert after == encode(m.Terminate())  # closed the PostgreSQL way
