@@ -1,10 +1,11 @@
 """Run PostgreSQL client libraries' own test suites directly and through both paths, and
 show where the outcomes differ.
 
-    python -m bench.client_suites [--suite asyncpg|pg8000] [--version X.Y.Z] [--keep]
+    python -m bench.client_suites [--suite asyncpg|pg8000|psycopg2] [--version X.Y.Z] [--keep]
 
-The suites are those of asyncpg (a client in C/Cython) and pg8000 (pure Python, its own
-protocol code): their source distributions carry their tests. The cluster is the one of
+The suites are those of asyncpg (a client in C/Cython), pg8000 (pure Python, its own
+protocol code) and psycopg2 (on libpq, as psql; run against the psycopg2-binary wheel of
+the same version): their source distributions carry their tests. The cluster is the one of
 `bench.dataplane_bench` (one PostgreSQL with TLS and cert auth; an all-in-one `teleport
 start` and a separate proxy and agent); each suite then runs three times, as the same
 database user:
@@ -91,8 +92,10 @@ def open_up(b: Bench) -> None:
 
 @dataclass(frozen=True)
 class Suite:
-    package: str
+    package: str  # whose sdist carries the tests
     tests: str  # the sdist's test directory, relative to its top
+    install: str = ""  # what to install instead of `package` (a wheel of the same code)
+    env: tuple[tuple[str, str], ...] = ()  # (variable, PG* variable to copy it from)
     extra: tuple[str, ...] = ()  # what the tests import besides pytest
     ignore: tuple[str, ...] = ()  # pytest --ignore-glob patterns
     options: tuple[str, ...] = ()  # more pytest options
@@ -129,6 +132,10 @@ SUITES = {
     "pg8000": Suite("pg8000", "test", extra=("pytest-mock", "pytest-benchmark", "pytz"),
                     ignore=("*/auth/*",), options=("--benchmark-disable",),
                     patch=point_pg8000),
+    # libpq underneath, as psql: its tests take host, port and user from the PG* variables
+    # and libpq the TLS files; the database is named by PSYCOPG2_TESTDB.
+    "psycopg2": Suite("psycopg2", "tests", install="psycopg2-binary",
+                      env=(("PSYCOPG2_TESTDB", "PGDATABASE"),)),
 }
 
 
@@ -137,12 +144,13 @@ def fetch(root: Path, suite: Suite, version: str | None) -> tuple[Path, Path]:
     venv = root / f"{suite.package}-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    wanted = f"{suite.package}=={version}" if version else suite.package
+    name = suite.install or suite.package
+    wanted = f"{name}=={version}" if version else name
     pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, wanted, "pytest", *suite.extra], check=True, timeout=600)
     installed = subprocess.run(
         [str(py), "-c", "from importlib.metadata import version; "
-         f"print(version({suite.package!r}))"],
+         f"print(version({name!r}))"],
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     dl = root / f"{suite.package}-sdist"
@@ -222,6 +230,7 @@ def main() -> int:
                 target = b.targets[name]
                 env = {k: v for k, v in b.base_env().items() if k != "PGSERVICEFILE"}
                 env.update(pg_env(target.conninfo, Path(target.env["PGSERVICEFILE"])))
+                env.update((variable, env[source]) for variable, source in suite.env)
                 started = time.monotonic()
                 log = root / f"{suite_name}-{name}.log"
                 results[name] = run_suite(py, suite, top, env, log)

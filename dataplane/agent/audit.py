@@ -66,9 +66,11 @@ _ROW_TAGS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "FETCH",
 _NOT_EXECUTED = Outcome(
     status="error", message="not executed: an earlier message of the same batch failed"
 )
-# Statements that wait for every other connection to a database to go (DROP DATABASE,
-# ALTER DATABASE ... RENAME, CREATE DATABASE ... TEMPLATE): `on_database_command`.
-_DATABASE_COMMAND = re.compile(r"\b(?:create|alter|drop)\s+database\b", re.IGNORECASE | re.ASCII)
+# Statements about databases and roles as a whole (`on_cluster_command`).
+_CLUSTER_COMMAND = re.compile(
+    r"\b(?:(?:create|alter|drop)\s+database|(?:alter|drop)\s+(?:role|user)|revoke\s+connect)\b",
+    re.IGNORECASE | re.ASCII,
+)
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
@@ -258,10 +260,13 @@ class SessionRecorder:
         self.status = b"I"  # the last ReadyForQuery's transaction status
         self._unsynced = False  # a Describe since the last Sync (it may open a transaction)
         self._overflowed = False  # requests were dropped from _pending: no longer counted
-        # Called when the client sends CREATE, ALTER or DROP DATABASE (simple or extended
-        # protocol): the agent then closes the idle server connections it keeps, which the
-        # server would otherwise wait for (and fail the statement after 5 s).
-        self.on_database_command: Callable[[], object] | None = None
+        # Called when the client sends (simple or extended protocol) CREATE, ALTER or DROP
+        # DATABASE, ALTER or DROP ROLE or USER, or REVOKE CONNECT: the agent then closes
+        # the idle server connections it keeps. The server waits a few seconds for every
+        # other connection to a database it drops, renames or copies, then fails the
+        # statement; and a kept connection must not outlive a login taken away, nor keep
+        # the settings of the role or database from before (server reuse).
+        self.on_cluster_command: Callable[[], object] | None = None
 
     @property
     def at_rest(self) -> bool:
@@ -359,12 +364,12 @@ class SessionRecorder:
             complete = end >= 0
             text = (payload[:end] if complete else payload).decode("utf-8", "replace")
             truncated = message.truncated or not complete
-            self._check_database_command(text)
+            self._check_cluster_command(text)
             self._queue(_Request("query", {"query": text, "truncated": truncated}))
         elif code == b"P":
             name, _ = cursor.cstr()
             query, complete = cursor.cstr()
-            self._check_database_command(query)
+            self._check_cluster_command(query)
             self._remember(self._statements, name, query)
             self._queue(
                 _Request(
@@ -433,9 +438,15 @@ class SessionRecorder:
             args = _values(cursor, formats)
             self._queue(_Request("function", {"function_oid": oid, "arguments": args}))
 
-    def _check_database_command(self, text: str) -> None:
-        callback = self.on_database_command
-        if callback is not None and "database" in text.lower() and _DATABASE_COMMAND.search(text):
+    def _check_cluster_command(self, text: str) -> None:
+        callback = self.on_cluster_command
+        if callback is None:
+            return
+        lowered = text.lower()  # a cheap test first: most statements are none of these
+        if (
+            "database" in lowered or "role" in lowered or "user" in lowered
+            or "connect" in lowered
+        ) and _CLUSTER_COMMAND.search(text):
             callback()
 
     # -- the server's answers ----------------------------------------------------------------------

@@ -290,9 +290,9 @@ class PostgresEngine:
         if self.reuse.enabled and recorder is not None:
             parameters_now = [g for g in upstream.greeting if isinstance(g, m.ParameterStatus)]
             relay.keep_server = lambda: self._keep_server(
-                session, key, parameters_now, upstream.opened_at
+                session, key, parameters_now, upstream.opened_at, upstream.generation
             )
-            recorder.on_database_command = self.reuse.close_all
+            recorder.on_cluster_command = self.reuse.close_all
         self.registry.add(session)
         self._ended.clear()
         if bundle.cluster.disconnect_expired_cert:
@@ -320,13 +320,17 @@ class PostgresEngine:
         if taken is not None:
             transport, inbox, kept = taken
             return Upstream(
-                transport, inbox, kept.server_key, list(kept.greeting), opened_at=kept.opened_at
+                transport, inbox, kept.server_key, list(kept.greeting),
+                opened_at=kept.opened_at, generation=kept.generation,
             )
         freed = 0
         delay = 0.05
         while True:
+            generation = self.reuse.generation
             try:
-                return await self.connector.connect(spec, db_user, db_name, parameters)
+                upstream = await self.connector.connect(spec, db_user, db_name, parameters)
+                upstream.generation = generation
+                return upstream
             except UpstreamError as exc:
                 full = exc.from_server and exc.error.sqlstate == TOO_MANY_CONNECTIONS
                 freed += self.reuse.close_all() if full else 0
@@ -337,14 +341,14 @@ class PostgresEngine:
 
     def _keep_server(
         self, session: Session, key: ReuseKey, parameters: list[m.ParameterStatus],
-        opened_at: float,
+        opened_at: float, generation: int,
     ) -> bool:
         """The client ended cleanly: keep its server connection if its session is at rest."""
         recorder = session.recorder
         if session.ending or recorder is None or not recorder.at_rest:
             return False
         return self.reuse.give_back(
-            key, session.relay.server, session.server_key, parameters, opened_at
+            key, session.relay.server, session.server_key, parameters, opened_at, generation
         )
 
     def _request(

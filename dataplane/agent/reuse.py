@@ -74,7 +74,7 @@ class KeptServer:
     greeting: list[m.ParameterStatus] = field(default_factory=list)
     opened_at: float = 0.0  # loop time of its login
     timer: asyncio.TimerHandle | None = None
-    generation: int = 0  # ServerReuse.generation when it was given back
+    generation: int = 0  # ServerReuse.generation at its login
 
 
 class _Watch(asyncio.Protocol):
@@ -121,8 +121,8 @@ class ServerReuse:
         self._idle: dict[ReuseKey, list[KeptServer]] = {}
         self._count = 0
         self._resets: set[asyncio.Task[None]] = set()
-        # close_all() counts up: a connection given back before it is not kept after its
-        # reset (the database may be waiting for it to go).
+        # close_all() counts up: a connection logged in before it is not kept (the database
+        # may be waiting for it to go; its role or database settings may be outdated).
         self.generation = 0
         self.closed = False
 
@@ -164,13 +164,15 @@ class ServerReuse:
         server_key: m.BackendKeyData | None,
         greeting: list[m.ParameterStatus],
         opened_at: float,
+        generation: int,
     ) -> bool:
         """Take over `transport` (a server connection whose client ended cleanly, logged in
-        at loop time `opened_at`): its protocol is replaced now, before the caller returns to
-        the loop. It is reset, then kept or closed. False (nothing taken over) when reuse is
-        off, the connection is gone or has lived `max_lifetime`."""
+        at loop time `opened_at`, when `self.generation` was `generation`): its protocol is
+        replaced now, before the caller returns to the loop. It is reset, then kept or
+        closed. False (nothing taken over) when reuse is off, the connection is gone, has
+        lived `max_lifetime` or logged in before the last `close_all`."""
         loop = asyncio.get_running_loop()
-        if not self.enabled or transport.is_closing():
+        if not self.enabled or transport.is_closing() or generation != self.generation:
             return False
         if loop.time() - opened_at > self.max_lifetime:
             return False
@@ -179,8 +181,7 @@ class ServerReuse:
         transport.set_protocol(inbox)
         task = loop.create_task(
             self._reset(
-                KeptServer(key, transport, server_key, greeting, opened_at,
-                           generation=self.generation),
+                KeptServer(key, transport, server_key, greeting, opened_at, generation=generation),
                 inbox,
             )
         )
@@ -237,9 +238,9 @@ class ServerReuse:
             close_server(kept.transport)
 
     def close_all(self) -> int:
-        """Close every kept connection (the database wants its slots back, or wants
-        none of them connected to a database it drops, or we stop), and keep none of those
-        being reset now; the number closed."""
+        """Close every kept connection (the database wants its slots back, a session
+        changed a database or role, or we stop), and keep none logged in before this call,
+        even those being reset or still in a session now; the number closed."""
         self.generation += 1
         closed = 0
         for stack in list(self._idle.values()):

@@ -100,6 +100,7 @@ class Upstream:
     pending: bytes = b""
     method: str = ""
     opened_at: float = 0.0  # loop time of the login (kept connections: of their first)
+    generation: int = 0  # the agent's ServerReuse.generation at the login
 
 
 def _explained(spec: BundleDatabase, db_user: str, error: m.ErrorResponse) -> m.ErrorResponse:

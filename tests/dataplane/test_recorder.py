@@ -261,7 +261,7 @@ def test_at_rest_not_in_the_middle_of_a_copy_or_after_a_fatal_error() -> None:
     assert not s.recorder.at_rest
 
 
-# -- database commands: the agent's kept server connections must go (server reuse) ----------
+# -- database and role commands: the agent's kept server connections go (server reuse) -----
 
 
 @pytest.mark.parametrize(
@@ -272,14 +272,18 @@ def test_at_rest_not_in_the_middle_of_a_copy_or_after_a_fatal_error() -> None:
         "  Alter\n  DataBase scratch RENAME TO other",
         "create database copy template scratch",
         "select 1; drop database scratch",
+        "ALTER ROLE alice NOLOGIN",
+        "alter user alice set search_path = elsewhere",
+        "drop role if exists bob",
+        "REVOKE CONNECT ON DATABASE main FROM public",
     ],
 )
-def test_database_commands_are_told_in_both_protocols(sql: str) -> None:
+def test_database_and_role_commands_are_told_in_both_protocols(sql: str) -> None:
     told: list[str] = []
     for protocol, messages in (("simple", [m.Query(sql)]),
                                ("extended", [m.Parse("", sql), m.Sync()])):
         s = Session()
-        s.recorder.on_database_command = lambda: told.append(protocol)  # noqa: B023
+        s.recorder.on_cluster_command = lambda: told.append(protocol)  # noqa: B023
         s.send(*messages)
     assert told == ["simple", "extended"]
 
@@ -291,12 +295,16 @@ def test_database_commands_are_told_in_both_protocols(sql: str) -> None:
         "select datname from pg_database",
         "create table database_notes (x int)",
         "alter table databases rename to database_list",
+        "select current_user, session_user",
+        "select * from users where role = 'admin'",
+        "create role carol",
+        "grant connect on database main to carol",
     ],
 )
-def test_other_statements_naming_a_database_are_not(sql: str) -> None:
+def test_other_statements_naming_a_database_or_role_are_not(sql: str) -> None:
     # (one quoting "drop database" in a string is told: that costs a login, nothing else)
     s = Session()
     told: list[str] = []
-    s.recorder.on_database_command = lambda: told.append("told")
+    s.recorder.on_cluster_command = lambda: told.append("told")
     s.send(m.Query(sql), m.Parse("", sql), m.Sync())
     assert told == []

@@ -261,3 +261,21 @@ def test_a_database_someone_just_left_can_be_dropped(
         else:
             admin.execute(sql, prepare=True)  # Parse, Bind, Execute, Sync (raises if it fails)
     assert backend_gone(path, first)
+
+
+def test_a_role_changed_through_the_proxy_is_seen_by_the_next_session(clean: DataPath) -> None:
+    path = clean
+    try:
+        with connect(path, application_name="reuse-role") as one:
+            first = backend_pid(one)
+        wait_kept(path, 1)
+        with connect(path, application_name="reuse-role") as two:
+            assert backend_pid(two) == first
+            two.execute("alter role alice set work_mem = '3MB'")  # for its next logins
+        # The connection logged in before the change is not kept: it has the old default.
+        assert backend_gone(path, first)
+        with connect(path, application_name="reuse-role") as three:
+            assert backend_pid(three) != first
+            assert three.execute("show work_mem").fetchone() == ("3MB",)
+    finally:
+        path.pg.server.psql_admin("alter role alice reset work_mem")

@@ -19,7 +19,8 @@ async def _given_back(reuse: ServerReuse) -> tuple[asyncio.Transport, socket.soc
     theirs.setblocking(False)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
-    assert reuse.give_back(KEY, transport, m.BackendKeyData(1, 2), [], loop.time())
+    assert reuse.give_back(KEY, transport, m.BackendKeyData(1, 2), [], loop.time(),
+                           reuse.generation)
     return transport, theirs
 
 
@@ -65,3 +66,20 @@ def test_one_given_back_before_close_all_is_closed_after_its_reset() -> None:
     kept, after = asyncio.run(_reset_answered(close_all_first=True))
     assert kept == 0
     assert after == encode(m.Terminate())  # closed the PostgreSQL way
+
+
+async def _given_back_after_close_all() -> tuple[bool, int]:
+    reuse = ServerReuse(10.0)
+    logged_in = reuse.generation
+    reuse.close_all()  # while its session ran, another changed a role or a database
+    ours, theirs = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+    taken = reuse.give_back(KEY, transport, None, [], loop.time(), logged_in)
+    transport.abort()
+    theirs.close()
+    return taken, len(reuse)
+
+
+def test_one_logged_in_before_close_all_is_not_taken() -> None:
+    assert asyncio.run(_given_back_after_close_all()) == (False, 0)
