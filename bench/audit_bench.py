@@ -6,10 +6,10 @@
 
 The product has no switch to turn audit off, on purpose: every session through a db agent
 is recorded and shipped to the control plane. So "off" is measured with the data-path test
-harness (`tests/dataplane/node.py`, as `tests/dataplane/bench_paths.py` runs it): the same
-ProxyService and AgentService classes in their own processes, over the same reverse tunnel
-and TLS legs, without the product's cluster link (joins, heartbeats, bundle feed) and with
-the audit sink chosen by its config. Four targets share one PostgreSQL (TLS, cert auth):
+harness (`tests/dataplane/node.py`): the same ProxyService and AgentService classes in
+their own processes, over the same reverse tunnel and TLS legs, without the product's
+cluster link (joins, heartbeats, bundle feed) and with the audit sink chosen by its config.
+Four targets share one PostgreSQL (TLS, cert auth):
 
 - direct-TLS            pgbench to PostgreSQL itself: the ceiling;
 - harness, audit off    proxy + agent processes (harness), no audit sink: nothing is
@@ -70,7 +70,7 @@ from launcher.embedded_postgres import ServerTLS
 from schemas.api import AuditAck, AuditBatch
 from schemas.audit import AuditEvent
 from tests.audit.conftest import numbered_events
-from tests.dataplane.bench_paths import start_node
+from tests.dataplane.node import start_node
 from tests.dataplane.support import Pki, conninfo_for, make_bundle, role, sign, write_private
 from tests.e2e.cluster import E2ECluster, base_env, run
 from tests.fixtures.pg import conninfo

@@ -235,6 +235,7 @@ def start_postgres(certs: Path, port: int) -> EmbeddedPostgres:
         max_connections=1300,
         shared_buffers="256MB",
         host_rules=(HostRule("cert"),),
+        settings={"max_prepared_transactions": 16},  # client suites test two-phase commit
     )
     pg.start()
     pg.create_role("alice")

@@ -8,7 +8,8 @@ tunnel ([host, port]), audit ("none" | "count"), pool_size, tunnel_options (the 
 ProxyLink timing knobs, e.g. conftest.FAST_LINK to match a proxy's FAST_TUNNEL).
 
 Prints one JSON line with the bound ports once serving, then runs until SIGTERM or SIGINT.
-Test scaffolding only.
+`start_node(config, directory, name)` starts one and returns the process and its ports.
+Test and benchmark scaffolding only (bench/audit_bench.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,24 @@ from dataplane.proxy import ProxyService
 from schemas.audit import AuditEvent, EncodedEvent
 from schemas.bundle import BundleDatabase, public_key_from_b64
 from tests.dataplane.support import DbCerts, Feed, Pki
+
+
+def start_node(
+    config: dict[str, Any], directory: Path, name: str
+) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    """Run this module on `config` (written to DIRECTORY/NAME.json) in a process of its own;
+    the process and the ports it printed once serving."""
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.dataplane.node", str(path)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{name} did not start")
+    return proc, json.loads(line)
 
 
 class CountingSink:
