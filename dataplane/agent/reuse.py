@@ -17,11 +17,13 @@ agent keeps the server connection instead of closing it:
   whatever db user they share. It is closed after `idle_timeout` seconds unused, when the
   server sends anything meanwhile (pg_terminate_backend, a shutdown), when the database
   refuses a new login for lack of connection slots (the engine frees them and retries),
-  when a session sends CREATE, ALTER or DROP DATABASE (the server waits up to 5 s for
-  every other connection to the database to go, then fails the statement: a kept one never
-  would), and when the agent stops. A connection is not kept again an hour after its
-  login (`MAX_LIFETIME`), so no login outlives a rotation of the agent's credentials for
-  long.
+  when a session sends a database or role statement (CREATE, ALTER or DROP DATABASE: the
+  server waits up to 5 s for every other connection to the database to go, then fails the
+  statement, and a kept one never would; ALTER or DROP ROLE or USER, REVOKE CONNECT: a
+  role's new settings or lost login hold from the next session), and when the agent stops.
+  After any of these `close_all`, no connection that logged in before it is kept. Nor one
+  an hour after its login (`MAX_LIFETIME`), so no login outlives a rotation of the agent's
+  credentials for long.
 
 RBAC, audit and the rest of a session are unchanged: each session is decided, recorded and
 ended as its own; only the login to the server is saved. What `DISCARD ALL` does not reset
