@@ -14,11 +14,19 @@ from schemas.bundle import BundleDatabase
 KEY = reuse_key(BundleDatabase(name="pg", uri="localhost:5432"), "alice", "alice", "main", {})
 
 
-async def _given_back(reuse: ServerReuse) -> tuple[asyncio.Transport, socket.socket]:
+async def _connected() -> tuple[asyncio.Transport, socket.socket]:
+    """Our end as an asyncio transport; the scripted server's end as a plain socket."""
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
+    transport, _ = await asyncio.get_running_loop().create_connection(
+        asyncio.Protocol, sock=ours
+    )
+    return transport, theirs
+
+
+async def _given_back(reuse: ServerReuse) -> tuple[asyncio.Transport, socket.socket]:
+    transport, theirs = await _connected()
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
     assert reuse.give_back(KEY, transport, m.BackendKeyData(1, 2), [], loop.time(),
                            reuse.generation)
     return transport, theirs
@@ -44,7 +52,8 @@ async def _reset_answered(close_all_first: bool) -> tuple[int, bytes]:
     await loop.sock_sendall(
         server, encode(m.CommandComplete("DISCARD ALL")) + encode(m.ReadyForQuery("I"))
     )
-    await asyncio.sleep(0.05)
+    while reuse.resetting:  # the reset task reads the answer, then keeps or closes
+        await asyncio.sleep(0.01)
     kept = len(reuse)
     server.settimeout(0)
     try:
@@ -72,10 +81,9 @@ async def _given_back_after_close_all() -> tuple[bool, int]:
     reuse = ServerReuse(10.0)
     logged_in = reuse.generation
     reuse.close_all()  # while its session ran, another changed a role or a database
-    ours, theirs = socket.socketpair()
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
-    taken = reuse.give_back(KEY, transport, None, [], loop.time(), logged_in)
+    transport, theirs = await _connected()
+    taken = reuse.give_back(KEY, transport, None, [], asyncio.get_running_loop().time(),
+                            logged_in)
     transport.abort()
     theirs.close()
     return taken, len(reuse)
