@@ -36,7 +36,9 @@ today's file. `search(since=T)` therefore reads the files from the day before T'
 Duplicates are dropped by event id, within a batch and against every id received in the
 last `dedupe_window` (7 days by default) of files, an index rebuilt from the files at start:
 a batch re-sent after a control plane restart (its acknowledgement lost) is recognised.
-Memory: about 100 bytes per event id in the window.
+Memory grows with the number of processes that sent events in the window, not with the
+number of events: one process's ids are consecutive numbers under one prefix, kept as ranges
+(`control.audit_ids.EventIdIndex`).
 
 Durability: `append` returns only after the batch's lines are fsynced; concurrent callers
 (threads, or coroutines through `asyncio.to_thread`) share one write and one fsync (group
@@ -76,6 +78,7 @@ from typing import Any
 
 import pydantic
 
+from control.audit_ids import EventIdIndex
 from schemas.api import AuditAck, AuditBatch
 from schemas.audit import AuditEvent, encode_event, parse_event
 from schemas.bundle import canonical_json
@@ -311,7 +314,7 @@ class AuditStore:
         self._day: date | None = None
         self._last_received: datetime | None = None
         self._fd: int | None = None
-        self._ids: dict[date, set[str]] = {}
+        self._ids = EventIdIndex()
         self._write_lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list[_Pending] = []
@@ -338,7 +341,12 @@ class AuditStore:
 
     def known_ids(self) -> int:
         """How many event ids the duplicate index holds now."""
-        return sum(len(ids) for ids in self._ids.values())
+        return len(self._ids)
+
+    def index_entries(self) -> int:
+        """How many entries hold them (ranges of one process's ids, ids of other forms):
+        what the index's memory grows with."""
+        return self._ids.footprint()
 
     def _open(self) -> None:
         files = day_files(self.directory)
@@ -351,8 +359,7 @@ class AuditStore:
             in_window = day >= oldest
             if not (newest or in_window):
                 continue
-            ids = self._ids.setdefault(day, set()) if in_window else None
-            scan = _scan_file(path, ids)
+            scan = _scan_file(path, day, self._ids if in_window else None)
             for number in scan.bad_lines:
                 log.error(
                     "%s:%d is not an audit record (altered or corrupted); run `tctl audit "
@@ -365,7 +372,7 @@ class AuditStore:
         if last is None:
             # The newest file may be empty (a torn first write); look further back.
             for _day, path in reversed(files):
-                last = _scan_file(path, None).last
+                last = _scan_file(path, _day, None).last
                 if last is not None:
                     last_path = path.name
                     break
@@ -393,7 +400,8 @@ class AuditStore:
         if files:
             log.info(
                 "audit log %s: %d day file(s), last seq %d, %d event id(s) in the duplicate "
-                "index", self.directory, len(files), self._seq, self.known_ids(),
+                "index (%d entries)", self.directory, len(files), self._seq, self.known_ids(),
+                self.index_entries(),
             )
 
     def _cut_torn_tail(self, path: Path, keep: int, line: int) -> None:
@@ -544,17 +552,14 @@ class AuditStore:
         day = now.date()
         received = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
         seen_now: set[str] = set()
-        known = [seen_now, *self._ids.values()]
+        known = self._ids
         seq, prev = self._seq, self._hash.encode()
         lines: list[bytes] = []
         for pending in group:
             middle = record_middle(received, pending.sender)
             accepted = 0
             for event_id, event_json in pending.entries:
-                for ids in known:
-                    if event_id in ids:
-                        break
-                else:
+                if event_id not in seen_now and event_id not in known:
                     seen_now.add(event_id)
                     seq += 1
                     line, prev = encode_record(seq, prev, middle, event_json)
@@ -571,7 +576,7 @@ class AuditStore:
         self._write_lines(built.day, built.data)
         self._seq, self._hash = built.seq, built.digest
         self._last_received = built.now
-        self._ids.setdefault(built.day, set()).update(built.ids)
+        self._ids.add_all(built.ids, built.day)
         self._forget_old(built.day)
         try:
             self._write_head(built.seq, built.digest, day_file_name(built.day))
@@ -590,8 +595,7 @@ class AuditStore:
 
     def _forget_old(self, today: date) -> None:
         oldest = today - timedelta(days=max(self.dedupe_window.days, 0))
-        for day in [d for d in self._ids if d < oldest]:
-            del self._ids[day]
+        self._ids.forget_before(oldest)
 
     def _write_lines(self, day: date, data: bytes) -> None:
         """Append `data` (whole lines) to `day`'s file and fsync; on failure cut what was
@@ -670,8 +674,9 @@ class _Scan:
     bad_lines: list[int] = field(default_factory=list)  # not records, before the last good
 
 
-def _scan_file(path: Path, ids: set[str] | None) -> _Scan:
-    """Read `path` line by line: the last record, where the good part ends, the event ids."""
+def _scan_file(path: Path, day: date, ids: EventIdIndex | None) -> _Scan:
+    """Read `path` (the file of arrival `day`) line by line: the last record, where the good
+    part ends; the event ids go to `ids`."""
     scan = _Scan()
     pending_bad: list[int] = []
     offset = 0
@@ -688,7 +693,7 @@ def _scan_file(path: Path, ids: set[str] | None) -> _Scan:
             if ids is not None:
                 event_id = record["event"].get("id")
                 if isinstance(event_id, str):
-                    ids.add(event_id)
+                    ids.add(event_id, day)
     scan.size = offset
     return scan
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import logging
 import re
-import secrets
 import struct
 import time
 from collections import OrderedDict, deque
@@ -51,6 +50,7 @@ from schemas.audit import (
     SessionEndEvent,
     SessionStartEvent,
     datetime_of,
+    new_event_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -249,10 +249,6 @@ class SessionRecorder:
         self._statements: OrderedDict[str, str] = OrderedDict()
         self._portals: OrderedDict[str, tuple[str, list[str | None]]] = OrderedDict()
         self.started = datetime.now(UTC)
-        # Event ids: a random per-session prefix and a counter, in the UUID layout (v4
-        # bits set). Unique without a system call per event (uuid4 reads os.urandom).
-        self._id_prefix = _id_prefix()
-        self._id_count = 0
         self._writer = EventWriter(context)
         self._outcomes: dict[str, Outcome] = {}  # CommandComplete tags seen, parsed once
         self.fatal_from_server: str | None = None
@@ -287,12 +283,8 @@ class SessionRecorder:
 
     # -- session start and end -----------------------------------------------------------------
 
-    def _next_id(self) -> str:
-        self._id_count += 1
-        return f"{self._id_prefix}{self._id_count:012x}"
-
     def _base(self) -> dict[str, Any]:
-        return {"id": self._next_id(), "time": datetime.now(UTC)}
+        return {"id": new_event_id(), "time": datetime.now(UTC)}
 
     def _emit(self, event: AuditEvent | EncodedEvent) -> None:
         try:
@@ -541,7 +533,7 @@ class SessionRecorder:
             return
         request.emitted = True
         fields = request.fields or {}
-        event_id = self._next_id()
+        event_id = new_event_id()
         # Written straight to JSON (`EventWriter`), as encode_event would write the model:
         # building and copying a model per query cost more than the rest of its audit.
         if request.kind == "query":
@@ -568,7 +560,3 @@ class SessionRecorder:
             event = cls(**self.context, **values)
         self._emit(event)
 
-
-def _id_prefix() -> str:
-    raw = secrets.token_hex(10)
-    return f"{raw[:8]}-{raw[8:12]}-4{raw[12:15]}-8{raw[15:18]}-{raw[18:20]}"
