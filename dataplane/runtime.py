@@ -35,6 +35,10 @@ from transport.files import LockHeld, hold_lock
 
 log = logging.getLogger("teleport.node")
 
+# Audit batches of a db agent inside the control plane's process (see `build_agent`).
+LOCAL_BATCH_EVENTS = 2000
+LOCAL_BATCH_BYTES = 4 * 1024 * 1024
+
 ApiHandler = Callable[[socket.socket, str], Awaitable[None]]
 
 
@@ -250,13 +254,21 @@ async def build_agent(
     catalog = DatabaseCatalog(config.databases, config.resources, link.labels.labels)
     assert link.db_certs is not None
     # In the control plane's own process, batches go straight to its audit store:
-    # `local_audit(host_id)` says how (no TLS leg that adds nothing).
-    send = (
-        local_audit(link.credentials.host_id)
-        if local_audit is not None
-        else SendJson(link.client.send_audit_json)
-    )
-    shipper = AuditShipper(send, join.data_dir / "db" / "audit-spool")
+    # `local_audit(host_id)` says how (no TLS leg that adds nothing). Nor is there a request
+    # body limit to respect, so the batches are larger: each one costs the store a write, an
+    # fsync and a new HEAD.json, about 1.5 ms of CPU here whatever its size. Measured with
+    # pgbench -S -c 8 through teleport start, CPU of its process per transaction: batches
+    # of ~300 events (192 KiB) 53-60 us, of up to 2,000 events 47-49 us (5,000: no better,
+    # and chaining one on the event loop would hold the data path for ~15 ms).
+    if local_audit is not None:
+        shipper = AuditShipper(
+            local_audit(link.credentials.host_id), join.data_dir / "db" / "audit-spool",
+            batch_events=LOCAL_BATCH_EVENTS, batch_bytes=LOCAL_BATCH_BYTES,
+        )
+    else:
+        shipper = AuditShipper(
+            SendJson(link.client.send_audit_json), join.data_dir / "db" / "audit-spool"
+        )
     agent = AgentService(
         credentials=link.credentials,
         bundles=link.feed,

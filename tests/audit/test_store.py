@@ -15,6 +15,7 @@ import pydantic
 import pytest
 
 from control.audit_store import (
+    BUILD_SLICE,
     GENESIS,
     HEAD_FILE,
     AuditStore,
@@ -266,6 +267,46 @@ def test_the_event_loops_appends_chain_on_the_loop_and_share_the_chain_with_thre
     for batch in own + remote:
         places = [position[e.id] for e in batch]
         assert places == list(range(places[0], places[0] + 10))
+
+
+def test_a_large_loop_append_lets_the_event_loop_run_while_it_chains(tmp_path: Path) -> None:
+    """The all-in-one's batches are up to 2,000 events (~6 ms of chaining): the chain is
+    built a slice at a time, and the data path's callbacks run in between."""
+    store = AuditStore(tmp_path)
+    batch = entries_of(numbered_events(2000))
+    ticks = 0
+    ticks_at_write: list[int] = []
+    persist = store._persist
+
+    def watched(built: object) -> None:
+        ticks_at_write.append(ticks)
+        persist(built)  # type: ignore[arg-type]
+
+    store._persist = watched  # type: ignore[method-assign]
+
+    async def main() -> tuple[int, int]:
+        nonlocal ticks
+        stop = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        result = await store.append_encoded_async(batch, "agent-1")
+        stop = True
+        await task
+        ticks_at_write[0] -= before
+        return result
+
+    assert asyncio.run(main()) == (2000, 0)
+    store.close()
+    assert ticks_at_write[0] >= 2000 // BUILD_SLICE - 1
+    assert verify_log(tmp_path).records == 2000
 
 
 def test_a_cancelled_loop_append_still_finishes_its_write_and_frees_the_store(
