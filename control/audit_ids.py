@@ -69,6 +69,16 @@ class _Ranges:
         return sum(end - start + 1 for start, end in zip(self.starts, self.ends, strict=True))
 
 
+#: How the index files one id: (prefix, number) for an id `new_event_id` made, else the id.
+Key = tuple[str, int] | str
+
+
+def key_of(event_id: str) -> Key:
+    """The `Key` of `event_id` (worked out once per id: the store looks it up, then adds it)."""
+    split = split_event_id(event_id)
+    return event_id if split is None else split
+
+
 class EventIdIndex:
     """The ids of the events stored in the window (see the module docstring)."""
 
@@ -77,29 +87,44 @@ class EventIdIndex:
         self._other: dict[date, set[str]] = {}
 
     def __contains__(self, event_id: str) -> bool:
-        split = split_event_id(event_id)
-        if split is None:
-            return any(event_id in ids for ids in self._other.values())
-        ranges = self._ranges.get(split[0])
-        return ranges is not None and split[1] in ranges
+        return self.has(key_of(event_id))
+
+    def has(self, key: Key) -> bool:
+        """Whether the id of `key` (`key_of`) is stored."""
+        if type(key) is str:
+            return any(key in ids for ids in self._other.values())
+        prefix, number = key
+        ranges = self._ranges.get(prefix)
+        return ranges is not None and number in ranges
 
     def add(self, event_id: str, day: date) -> None:
         """Note `event_id` as stored on arrival `day`."""
-        split = split_event_id(event_id)
-        if split is None:
-            self._other.setdefault(day, set()).add(event_id)
-            return
-        prefix, number = split
-        ranges = self._ranges.get(prefix)
-        if ranges is None:
-            self._ranges[prefix] = _Ranges(number, day)
-            return
-        ranges.add(number)
-        ranges.last_day = max(ranges.last_day, day)
+        self.add_keys((key_of(event_id),), day)
 
     def add_all(self, event_ids: Iterable[str], day: date) -> None:
-        for event_id in event_ids:
-            self.add(event_id, day)
+        self.add_keys(map(key_of, event_ids), day)
+
+    def add_keys(self, keys: Iterable[Key], day: date) -> None:
+        """Note the ids of `keys` (`key_of`) as stored on arrival `day`."""
+        all_ranges = self._ranges
+        last_prefix: str | None = None
+        last: _Ranges | None = None
+        for key in keys:
+            if type(key) is str:
+                self._other.setdefault(day, set()).add(key)
+                continue
+            prefix, number = key
+            if prefix != last_prefix:  # a batch's ids are mostly one process's
+                if last is not None and last.last_day < day:
+                    last.last_day = day
+                last_prefix = prefix
+                last = all_ranges.get(prefix)
+                if last is None:
+                    last = all_ranges[prefix] = _Ranges(number, day)
+                    continue
+            last.add(number)  # type: ignore[union-attr]
+        if last is not None and last.last_day < day:
+            last.last_day = day
 
     def forget_before(self, day: date) -> None:
         """Drop what only arrived before `day`."""

@@ -79,7 +79,7 @@ from typing import Any
 
 import pydantic
 
-from control.audit_ids import EventIdIndex
+from control.audit_ids import EventIdIndex, Key, key_of
 from schemas.api import AuditAck, AuditBatch
 from schemas.audit import AuditEvent, encode_event, parse_event
 from schemas.bundle import canonical_json
@@ -274,7 +274,7 @@ class _Built:
     seq: int  # of the last record
     digest: str  # its hash
     data: bytes
-    ids: set[str]
+    keys: list[Key]  # of the events' ids, for the index
 
 
 class _Chain:
@@ -289,17 +289,23 @@ class _Chain:
         self.prev = prev
         self.known = known
         self.seen: set[str] = set()
+        self.keys: list[Key] = []
         self.lines: list[bytes] = []
 
     def add(self, pending: _Pending, start: int, stop: int) -> None:
         """Chain `pending.entries[start:stop]`, skipping ids already stored or seen."""
         middle = record_middle(self.received, pending.sender)
-        seq, prev, seen, known, lines = self.seq, self.prev, self.seen, self.known, self.lines
+        seq, prev, seen, lines = self.seq, self.prev, self.seen, self.lines
+        has, keys = self.known.has, self.keys
         accepted = 0
         entries = pending.entries[start:stop]
         for event_id, event_json in entries:
-            if event_id not in seen and event_id not in known:
+            if event_id in seen:
+                continue
+            key = key_of(event_id)
+            if not has(key):
                 seen.add(event_id)
+                keys.append(key)
                 seq += 1
                 line, prev = encode_record(seq, prev, middle, event_json)
                 lines.append(line)
@@ -312,7 +318,7 @@ class _Chain:
         if not self.lines:
             return None
         return _Built(self.now, self.day, self.seq, self.prev.decode(), b"".join(self.lines),
-                      self.seen)
+                      self.keys)
 
 
 @dataclass(frozen=True)
@@ -620,7 +626,7 @@ class AuditStore:
         self._write_lines(built.day, built.data)
         self._seq, self._hash = built.seq, built.digest
         self._last_received = built.now
-        self._ids.add_all(built.ids, built.day)
+        self._ids.add_keys(built.keys, built.day)
         self._forget_old(built.day)
         try:
             self._write_head(built.seq, built.digest, day_file_name(built.day))

@@ -338,8 +338,17 @@ class SessionRecorder:
             self._finish(self._pending.popleft())
 
     def _client_message(self, message: ScannedMessage) -> None:
-        code = message.type_code
-        payload = message.payload or b""
+        code, payload, size = message
+        if code == b"Q":  # the most frequent by far: first, and without a cursor
+            payload = payload or b""
+            end = payload.find(b"\0")
+            complete = end >= 0
+            text = (payload[:end] if complete else payload).decode("utf-8", "replace")
+            self._check_cluster_command(text)
+            self._queue(_Request("query", {
+                "query": text, "truncated": not complete or len(payload) < size,
+            }))
+            return
         if code == b"S":
             self._unsynced = False
             self._queue(_Request("sync"))
@@ -350,15 +359,9 @@ class SessionRecorder:
         if code == b"D":
             self._unsynced = True
             return
+        payload = payload or b""
         cursor = _Cursor(payload)
-        if code == b"Q":
-            end = payload.find(b"\0")
-            complete = end >= 0
-            text = (payload[:end] if complete else payload).decode("utf-8", "replace")
-            truncated = message.truncated or not complete
-            self._check_cluster_command(text)
-            self._queue(_Request("query", {"query": text, "truncated": truncated}))
-        elif code == b"P":
+        if code == b"P":
             name, _ = cursor.cstr()
             query, complete = cursor.cstr()
             self._check_cluster_command(query)
@@ -469,7 +472,11 @@ class SessionRecorder:
             self.status = (message.payload or b"?")[:1]
             self._ready()
             return
-        front = self._front()
+        pending = self._pending
+        if pending and pending[0].outcome is None and pending[0].kind != "sync":
+            front: _Request | None = pending[0]  # the usual case, as `_front` would find it
+        else:
+            front = self._front()
         if code == 0x43:  # 'C' CommandComplete
             tag = (message.payload or b"").split(b"\0", 1)[0].decode("utf-8", "replace")
             outcome = self._outcomes.get(tag)

@@ -119,18 +119,32 @@ class ShipperStats:
 
 @dataclass
 class _Batch:
-    lines: list[bytes]  # each event's JSON with a newline: spooled and sent as they are
+    # Each event's JSON: as serialized for those taken from memory, a spool line (with its
+    # newline) for those read back from the spool. Sent as they are.
+    items: list[bytes]
     # The events as emitted, for those taken from memory (given back to it if they cannot
     # be placed); None for lines read back from the spool.
     events: list[Queued] | None
 
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The items as spool lines (each ending in a newline)."""
+        if self.events is None:
+            return self.items
+        return [item + b"\n" for item in self.items]
+
     @property
     def nbytes(self) -> int:
-        return sum(map(len, self.lines))
+        """Their size as spool lines."""
+        size = sum(map(len, self.items))
+        return size if self.events is None else size + len(self.items)
 
     def part(self, start: int, end: int | None = None) -> _Batch:
         events = self.events[start:end] if self.events is not None else None
-        return _Batch(self.lines[start:end], events)
+        return _Batch(self.items[start:end], events)
 
 
 class AuditShipper:
@@ -402,39 +416,39 @@ class AuditShipper:
         """Up to `batch_events` events and `batch_bytes` bytes from memory (at least one),
         each serialized here, once."""
         events: list[Queued] = []
-        lines: list[bytes] = []
-        size = 0
+        items: list[bytes] = []
+        size = 0  # as spool lines: with a newline each
         queue = self._queue
         limit = self.batch_events
-        while queue and len(lines) < limit:
+        max_line = self.max_event_bytes - 1  # the JSON of an event, without its newline
+        while queue and len(items) < limit:
             event = queue.popleft()
             if type(event) is EncodedEvent:
-                line = event.json + b"\n"
+                item = event.json
             else:
                 try:
-                    line = encode_event(event) + b"\n"  # type: ignore[arg-type]
+                    item = encode_event(event)  # type: ignore[arg-type]
                 except Exception as exc:
                     try:
-                        event, line = _cleaned(event, exc)  # type: ignore[arg-type]
+                        event, item = _cleaned(event, exc)  # type: ignore[arg-type]
                     except Exception as error:  # not an event at all: a defect in the emitter
                         self._lose(1, f"an emitted object could not be encoded ({error!r})")
                         continue
-            if len(line) > self.max_event_bytes:
+            if len(item) > max_line:
                 model = event.model() if isinstance(event, EncodedEvent) else event
-                event, fitted = fit_event(model, line[:-1], self.max_event_bytes)
-                line = fitted + b"\n"
+                event, item = fit_event(model, item, self.max_event_bytes)
                 log.warning("audit: event %s (%s) was cut to fit %d bytes: %s", event.id,
                             event.type, self.max_event_bytes, event.shortened)
-            if lines and size + len(line) > self.batch_bytes:
+            if items and size + len(item) >= self.batch_bytes:
                 queue.appendleft(event)
                 break
             events.append(event)
-            lines.append(line)
-            size += len(line)
+            items.append(item)
+            size += len(item) + 1
         # What is left (if any) keeps `_first_at`: it is older than `interval` too, or this
         # batch was full; either way it may go at once.
-        self._in_flight += len(lines)
-        return _Batch(lines, events)
+        self._in_flight += len(items)
+        return _Batch(items, events)
 
     def _give_back(self, batch: _Batch) -> None:
         """Put events taken from memory back at its front, in order."""
@@ -449,16 +463,16 @@ class AuditShipper:
             try:
                 if self._spool.fits(batch.nbytes):
                     self._spool.append(batch.lines)
-                    self.stats.spooled += len(batch.lines)
+                    self.stats.spooled += len(batch)
                 else:
-                    self._lose(len(batch.lines), "closing while the spool was full")
+                    self._lose(len(batch), "closing while the spool was full")
             except OSError as exc:
-                self._lose(len(batch.lines), f"closing, and the spool failed: {exc}")
-            self._in_flight -= len(batch.lines)
+                self._lose(len(batch), f"closing, and the spool failed: {exc}")
+            self._in_flight -= len(batch)
             raise
         rest = batch.part(done)
         self._in_flight -= done
-        if rest.lines:
+        if rest.items:
             await self._spool_batch(rest)
 
     async def _spool_batch(self, batch: _Batch) -> bool:
@@ -476,11 +490,11 @@ class AuditShipper:
             if isinstance(exc, OSError):
                 log.error("audit: cannot write the spool %s: %s", self.spool_dir, exc)
                 self._set_spool_full()
-            self._in_flight -= len(batch.lines)
+            self._in_flight -= len(batch)
             self._give_back(batch)
             return False
-        self.stats.spooled += len(batch.lines)
-        self._in_flight -= len(batch.lines)
+        self.stats.spooled += len(batch)
+        self._in_flight -= len(batch)
         return True
 
     async def _send_from_spool(self) -> None:
@@ -500,7 +514,7 @@ class AuditShipper:
             size += len(lines[end])
             end += 1
         batch = _Batch(lines[start:end], None)
-        if batch.lines:
+        if batch.items:
             segment.position += await self._deliver(batch)
         if segment.position >= len(lines):
             await asyncio.to_thread(self._spool.done, segment)
@@ -517,19 +531,16 @@ class AuditShipper:
     async def _deliver(self, batch: _Batch) -> int:
         """Send `batch`; how many of its leading events are done with (acknowledged, or
         refused and kept in rejected.jsonl). 0 when the control plane is not taking events."""
-        if not batch.lines:
+        if not batch.items:
             return 0
         try:
             async with asyncio.timeout(self.send_timeout):
                 own = self._send.post_own
                 if own is not None and batch.events is not None:
-                    entries = [
-                        (event.id, line[:-1])
-                        for event, line in zip(batch.events, batch.lines, strict=True)
-                    ]
-                    ack = await own(entries)
+                    ids = [event.id for event in batch.events]
+                    ack = await own(list(zip(ids, batch.items, strict=True)))
                 else:
-                    ack = await self._send.post(encode_batch(batch.lines))
+                    ack = await self._send.post(encode_batch(batch.items))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -537,11 +548,11 @@ class AuditShipper:
                 return await self._split_rejected(batch, exc)
             self._failed(exc)
             return 0
-        self._succeeded(ack, len(batch.lines))
-        return len(batch.lines)
+        self._succeeded(ack, len(batch))
+        return len(batch)
 
     async def _split_rejected(self, batch: _Batch, exc: Exception) -> int:
-        if len(batch.lines) == 1:
+        if len(batch) == 1:
             log.error(
                 "audit: the control plane refused event %s: %s; kept in %s",
                 _describe(batch), exc, self.spool_dir / "rejected.jsonl",
@@ -556,7 +567,7 @@ class AuditShipper:
             else:
                 self._lose(1, "the control plane refused it and rejected.jsonl is full")
             return 1
-        middle = len(batch.lines) // 2
+        middle = len(batch) // 2
         done = await self._deliver(batch.part(0, middle))
         if done < middle:
             return done
@@ -620,7 +631,7 @@ def _cleaned(event: AuditEvent, exc: Exception) -> tuple[AuditEvent, bytes]:
     text = json.dumps(event.model_dump(mode="json"), ensure_ascii=False)
     log.warning("audit: event %s held text that is not valid Unicode; replaced", event.id)
     cleaned = parse_event(text.encode("utf-8", "replace"))
-    return cleaned, encode_event(cleaned) + b"\n"
+    return cleaned, encode_event(cleaned)
 
 
 def _describe(batch: _Batch) -> str:
@@ -628,7 +639,7 @@ def _describe(batch: _Batch) -> str:
     if batch.events:
         return f"{batch.events[0].id} ({batch.events[0].type})"
     try:
-        data = json.loads(batch.lines[0])
+        data = json.loads(batch.items[0])
         return f"{data.get('id')} ({data.get('type')})"
     except (ValueError, AttributeError, RecursionError):
         return "(a spooled line that is not JSON)"
