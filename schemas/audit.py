@@ -286,12 +286,13 @@ class EventWriter:
         else:
             last, listed = b"null", b""
         try:
+            id_json = encode_basestring(event_id).encode()
             query_json = encode_basestring(query).encode()
         except UnicodeEncodeError:
             raise ValueError("text that is not valid Unicode (a lone surrogate)") from None
         return _new_tuple(EncodedEvent, (event_id, QUERY, b"".join((
             self._head,
-            b',"id":', self._json(event_id),
+            b',"id":', id_json,
             b',"time":', self.time(time_ns),
             b',"shortened":null,"type":"db.session.query","query":', query_json,
             b',"truncated":true,"outcome":' if truncated else b',"truncated":false,"outcome":',

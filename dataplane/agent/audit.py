@@ -250,7 +250,7 @@ class SessionRecorder:
         self._portals: OrderedDict[str, tuple[str, list[str | None]]] = OrderedDict()
         self.started = datetime.now(UTC)
         self._writer = EventWriter(context)
-        self._outcomes: dict[str, Outcome] = {}  # CommandComplete tags seen, parsed once
+        self._outcomes: dict[bytes | None, Outcome] = {}  # CommandComplete payloads, parsed once
         self.fatal_from_server: str | None = None
         self.client_terminated = False  # the client said goodbye (Terminate)
         self.status = b"I"  # the last ReadyForQuery's transaction status
@@ -478,12 +478,12 @@ class SessionRecorder:
         else:
             front = self._front()
         if code == 0x43:  # 'C' CommandComplete
-            tag = (message.payload or b"").split(b"\0", 1)[0].decode("utf-8", "replace")
-            outcome = self._outcomes.get(tag)
+            outcome = self._outcomes.get(message.payload)
             if outcome is None:
                 if len(self._outcomes) > 256:
                     self._outcomes.clear()
-                outcome = self._outcomes[tag] = _tag_outcome(tag)
+                tag = (message.payload or b"").split(b"\0", 1)[0].decode("utf-8", "replace")
+                outcome = self._outcomes[message.payload] = _tag_outcome(tag)
             if front is None:
                 return
             if front.kind == "query":

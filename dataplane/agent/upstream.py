@@ -50,6 +50,7 @@ from dataplane.postgres.errors import (
     SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
 )
 from dataplane.relay import ConnectionClosed, Inbox
+from dataplane.tls_transport import TlsHandshakeFailed, connect_tls
 from schemas.bundle import Bundle, BundleDatabase
 from transport.tls import client_context
 
@@ -207,22 +208,14 @@ class UpstreamConnector:
             if len(answer) > 1:
                 raise _fail(f"database {spec.name!r} sent bytes before the TLS handshake")
             try:
-                tls = await loop.start_tls(
-                    transport,
-                    inbox,
-                    ctx,
-                    server_hostname=host,
-                    ssl_handshake_timeout=self.connect_timeout,
-                )
-            except (ssl.SSLError, OSError) as exc:
+                tls = await connect_tls(transport, inbox, ctx, host)
+            except TlsHandshakeFailed as exc:
                 raise _fail(
-                    f"TLS with database {spec.name!r} at {spec.uri} failed: {exc}",
+                    f"TLS with database {spec.name!r} at {spec.uri} failed: {exc.reason}",
                     "check the database's certificate against ca_cert_file (or the cluster's "
                     "db CA) and its host name"
                     + ("" if spec.tls_mode == "verify-ca" else " (verify-full)"),
                 ) from None
-            if tls is None:
-                raise _fail(f"TLS with database {spec.name!r} could not start")
             inbox.transport = tls
             return tls, inbox
         except BaseException:

@@ -4,8 +4,8 @@ For a connection the listener classified as PostgreSQL:
 1. startup packets, bounded (10,000 bytes) and timed (`startup_timeout`): SSLRequest is
    answered `S` and TLS starts with the proxy's host certificate, a client certificate
    required and checked against the user CAs of the bundle in force. The handshake runs
-   over memory BIOs (`client_tls`) so that OpenSSL's alert reaches psql when it refuses
-   the certificate (psql: "SSL error: tlsv1 alert unknown ca"). Before the first bundle
+   over memory BIOs (`dataplane.tls_transport`) so that OpenSSL's alert reaches psql when
+   it refuses the certificate (psql: "SSL error: tlsv1 alert unknown ca"). Before the first bundle
    there is no user CA: TLS then asks for no certificate, and the StartupMessage gets a
    FATAL "the proxy has no policy bundle yet ..." that psql prints (libpq would discard an
    ErrorResponse sent instead of `S`). GSSENCRequest is answered `N`; CancelRequest is
@@ -62,8 +62,8 @@ from dataplane.postgres.errors import (
     SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
 )
 from dataplane.proxy.cancel import LOCAL, CancelKeys
-from dataplane.proxy.client_tls import TlsHandshakeFailed, accept_tls
 from dataplane.relay import ConnectionClosed, Inbox, Relay
+from dataplane.tls_transport import TlsHandshakeFailed, accept_tls
 from dataplane.tunnel.frames import CancelStart, SessionStart
 from dataplane.tunnel.hosts import (
     AuditSink,

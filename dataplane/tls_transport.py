@@ -1,17 +1,26 @@
-"""The proxy's TLS with PostgreSQL clients, run by hand over memory BIOs.
+"""TLS run by hand over memory BIOs, for the data path's TLS legs: the proxy's side of a
+PostgreSQL client's TLS (`accept_tls`) and the agent's TLS to its database (`connect_tls`).
 
-Why not `loop.start_tls`: when OpenSSL refuses the client's certificate during the handshake
-(one from another CA, say), it writes a TLS alert that names the cause ("unknown ca"),
-and both asyncio's and uvloop's SSL protocols drop it: they abort the socket without
-sending what OpenSSL left in the outgoing buffer, so psql can only say "server closed the
-connection unexpectedly". Here the handshake's output is always flushed before the socket
-is closed, so psql prints e.g. `SSL error: tlsv1 alert unknown ca`.
+Why not `loop.start_tls`:
+- when OpenSSL refuses the client's certificate during the handshake (one from another
+  CA, say), it writes a TLS alert that names the cause ("unknown ca"), and both asyncio's
+  and uvloop's SSL protocols drop it: they abort the socket without sending what OpenSSL
+  left in the outgoing buffer, so psql can only say "server closed the connection
+  unexpectedly". Here the handshake's output is always flushed before the socket is
+  closed, so psql prints e.g. `SSL error: tlsv1 alert unknown ca`;
+- it costs less per chunk: uvloop's SSL protocol learns that a chunk is fully decrypted
+  from an SSLWantReadError raised by one more read, every time; here the BIOs' pending
+  counts say so. Measured on the agent's database leg (pgbench -S -c 8 through `teleport
+  start`, both in the same lab run, CPU of the process per transaction, two rounds each):
+  40.3-41.7 us against 42.1-43.6 with uvloop's; on the proxy's client leg the two were the
+  same within the noise (42.5 and 49.9 against 44.7 and 50.7).
 
-`accept_tls(raw, protocol, context, pending=b"")` runs the server side of the handshake
-on `raw` (a connected asyncio transport whose protocol it replaces) and returns a
-`ServerTls` transport for `protocol` once it succeeds; on failure it raises
-`TlsHandshakeFailed` after the alert went out. `ServerTls` is a complete
-`asyncio.Transport` (the relay and the all-in-one agent take it over with `set_protocol`):
+`accept_tls(raw, protocol, context, pending=b"")` runs the server side of the handshake on
+`raw` (a connected asyncio transport whose protocol it replaces), `connect_tls(raw,
+protocol, context, server_hostname)` the client side; both return a `TlsTransport` for
+`protocol` once it succeeds, or raise `TlsHandshakeFailed` after any alert went out.
+`TlsTransport` is a complete `asyncio.Transport` (the relay and the all-in-one agent take
+it over with `set_protocol`):
 - every chunk read from the socket is decrypted and handed on in one `data_received` (all
   the records it held, joined);
 - every `write` is encrypted at once and written to the socket in one `write`;
@@ -20,11 +29,8 @@ on `raw` (a connected asyncio transport whose protocol it replaces) and returns 
   `protocol`;
 - `close` sends close_notify after what is buffered, as PostgreSQL does.
 It is also the protocol of the raw transport (one object: one call less per chunk on the
-hot path). Measured against uvloop's TLS transport (pgbench -S -c 8 through the proxy,
-both kinds of proxy in the same run, CPU of the proxy and agent processes per
-transaction, two runs): the same within the noise, 82 and 94.5 us against 91 and 91 on
-the distributed path, 42.5 and 49.9 against 44.7 and 50.7 on the all-in-one; pushing
-256 KiB writes, 0.42-0.46 against 0.46-0.50 ms of CPU per MB.
+hot path). Pushing 256 KiB writes through the proxy's client leg cost 0.42-0.46 against
+0.46-0.50 ms of CPU per MB with uvloop's.
 
 Never: deliver a byte before the handshake verified what the context requires, keep
 reading a socket whose reader paused, swallow an alert, or let an SSL error escape as a
@@ -47,7 +53,7 @@ _HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
 
 
 class TlsHandshakeFailed(ConnectionError):
-    """The TLS handshake with the client failed; `reason` is OpenSSL's (e.g. "certificate
+    """The TLS handshake with the peer failed; `reason` is OpenSSL's (e.g. "certificate
     verify failed: unable to get local issuer certificate"). Any alert was sent."""
 
     def __init__(self, reason: str) -> None:
@@ -63,22 +69,32 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-class ServerTls(asyncio.Transport):
-    """The server side of one TLS connection over a raw asyncio transport (see the module
-    docstring). Built by `accept_tls`; also the raw transport's protocol."""
+class TlsTransport(asyncio.Transport):
+    """One TLS connection over a raw asyncio transport (see the module docstring): its
+    server side, or its client side when `server_hostname` is given (the name checked
+    against the server's certificate when the context checks host names). Built by
+    `accept_tls` and `connect_tls`; also the raw transport's protocol."""
 
     def __init__(
         self,
         raw: asyncio.Transport,
         context: ssl.SSLContext,
         loop: asyncio.AbstractEventLoop,
+        server_hostname: str | None = None,
     ) -> None:
         super().__init__()
         self._raw = raw
         self._loop = loop
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        if server_hostname is None:
+            self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        else:
+            self._ssl = context.wrap_bio(
+                self._incoming, self._outgoing, server_side=False,
+                server_hostname=server_hostname,
+            )
+        self._peer = "client" if server_hostname is None else "server"
         self._protocol: Any = None
         self._state = _HANDSHAKE
         self._waiter: asyncio.Future[None] | None = loop.create_future()
@@ -123,7 +139,7 @@ class ServerTls(asyncio.Transport):
         self._protocol_told = True
         protocol.connection_made(self)
         if self._incoming.pending or self._ssl.pending() or self._eof:
-            # Bytes the client sent right after its Finished (and maybe its end, or the
+            # Bytes the peer sent right after its Finished (and maybe its end, or the
             # socket's, all before the protocol was connected): hand them on now.
             self._deliver(after_loss=self._raw_lost)
         if self._raw_lost and not self._lost_reported:
@@ -146,7 +162,9 @@ class ServerTls(asyncio.Transport):
         self._incoming.write_eof()
         self._eof = True
         if self._state == _HANDSHAKE:
-            self._fail_handshake("the client closed the connection during the TLS handshake")
+            self._fail_handshake(
+                f"the {self._peer} closed the connection during the TLS handshake"
+            )
         elif self._state == _OPEN:
             self._deliver()  # what came before the end, then the end
         return False  # a TLS connection is never half-open: the raw transport closes
@@ -161,7 +179,9 @@ class ServerTls(asyncio.Transport):
             waiter.set_exception(
                 TlsHandshakeFailed(f"the connection was lost during the TLS handshake ({exc})")
                 if exc is not None
-                else TlsHandshakeFailed("the client closed the connection during the handshake")
+                else TlsHandshakeFailed(
+                    f"the {self._peer} closed the connection during the handshake"
+                )
             )
         if self._protocol_told and not self._lost_reported:
             self._lost_reported = True
@@ -209,7 +229,7 @@ class ServerTls(asyncio.Transport):
         except ssl.SSLEOFError:
             self._eof = True  # the socket ended without close_notify (libpq does that)
         except ssl.SSLError as exc:
-            self._fatal(f"TLS error from the client: {_reason(exc)}")
+            self._fatal(f"TLS error from the {self._peer}: {_reason(exc)}")
             return
         if self._outgoing.pending:
             self._flush()  # a post-handshake message (KeyUpdate) needs an answer
@@ -230,7 +250,7 @@ class ServerTls(asyncio.Transport):
         self.close()
 
     def _fatal(self, reason: str) -> None:
-        logger.info("closing a client TLS connection: %s", reason)
+        logger.info("closing a TLS connection with a %s: %s", self._peer, reason)
         self._flush()
         self._state = _CLOSED
         self._closing = True
@@ -254,7 +274,7 @@ class ServerTls(asyncio.Transport):
         try:
             self._ssl.write(data)
         except ssl.SSLError as exc:
-            self._fatal(f"cannot encrypt for the client: {_reason(exc)}")
+            self._fatal(f"cannot encrypt for the {self._peer}: {_reason(exc)}")
             return
         self._raw.write(self._outgoing.read())
 
@@ -289,7 +309,7 @@ class ServerTls(asyncio.Transport):
             return
         self._closing = True
         if self._state == _OPEN:
-            # WantRead: we do not wait for the client's close_notify
+            # WantRead: we do not wait for the peer's close_notify
             with contextlib.suppress(ssl.SSLError, ValueError):
                 self._ssl.unwrap()
             self._flush()
@@ -344,16 +364,40 @@ async def accept_tls(
     protocol: asyncio.BaseProtocol,
     context: ssl.SSLContext,
     pending: bytes = b"",
-) -> ServerTls:
+) -> TlsTransport:
     """The server side of a TLS handshake on `raw` (whose protocol is replaced); `pending`
     are bytes of the handshake already read. Returns the TLS transport, with `protocol`
     connected to it; raises TlsHandshakeFailed (the alert, if any, sent). The caller bounds
     the time (asyncio.timeout) and aborts `raw` when it runs out."""
-    loop = asyncio.get_running_loop()
-    tls = ServerTls(raw, context, loop)
+    tls = TlsTransport(raw, context, asyncio.get_running_loop())
+    return await _handshake(tls, raw, protocol, pending)
+
+
+async def connect_tls(
+    raw: asyncio.Transport,
+    protocol: asyncio.BaseProtocol,
+    context: ssl.SSLContext,
+    server_hostname: str,
+) -> TlsTransport:
+    """The client side of a TLS handshake on `raw` (whose protocol is replaced), as
+    `accept_tls`; `server_hostname` is sent (SNI) and checked against the server's
+    certificate when `context` checks host names."""
+    tls = TlsTransport(raw, context, asyncio.get_running_loop(), server_hostname)
+    return await _handshake(tls, raw, protocol, b"", client=True)
+
+
+async def _handshake(
+    tls: TlsTransport,
+    raw: asyncio.Transport,
+    protocol: asyncio.BaseProtocol,
+    pending: bytes,
+    client: bool = False,
+) -> TlsTransport:
     waiter = tls._waiter
     assert waiter is not None
     raw.set_protocol(tls)
+    if client:
+        tls._handshake_step()  # the ClientHello
     if pending:
         tls.data_received(pending)
     if raw.is_closing() and not waiter.done():

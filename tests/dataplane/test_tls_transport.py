@@ -1,4 +1,4 @@
-"""The proxy's client-facing TLS over memory BIOs (`dataplane.proxy.client_tls`), against
+"""TLS over memory BIOs (`dataplane.tls_transport`), against
 Python's own TLS client over real loopback sockets: the alert of a refused certificate
 reaches the client, bytes arrive intact both ways, a paused reader stops the socket, close
 sends close_notify after what is buffered.
@@ -23,8 +23,8 @@ import pytest
 import uvloop
 
 from control.ca import ClusterCAs
-from dataplane.proxy.client_tls import ServerTls, TlsHandshakeFailed, accept_tls
 from dataplane.relay import Inbox
+from dataplane.tls_transport import TlsHandshakeFailed, TlsTransport, accept_tls, connect_tls
 from tests.dataplane.support import Pki, UserCert
 from transport.tls import peer_certificate, server_context
 
@@ -83,8 +83,8 @@ async def serve_one(
     ctx: ssl.SSLContext,
     client: Callable[[int], Any],
     protocol: asyncio.Protocol,
-    body: Callable[[ServerTls], Awaitable[None]] | None = None,
-) -> tuple[Any, ServerTls | TlsHandshakeFailed]:
+    body: Callable[[TlsTransport], Awaitable[None]] | None = None,
+) -> tuple[Any, TlsTransport | TlsHandshakeFailed]:
     """Accept one connection, run the handshake (after the client's 'S' cue, as the proxy
     does), then `body`; the client runs in a thread. Returns (client result, transport or
     the handshake failure)."""
@@ -107,12 +107,12 @@ async def serve_one(
     inbox = Inbox()
     raw, _ = await loop.connect_accepted_socket(lambda: inbox, sock)
     raw.write(b"S")
-    outcome: ServerTls | TlsHandshakeFailed
+    outcome: TlsTransport | TlsHandshakeFailed
     try:
         outcome = await accept_tls(raw, protocol, ctx, inbox.take())
     except TlsHandshakeFailed as exc:
         outcome = exc
-    if body is not None and isinstance(outcome, ServerTls):
+    if body is not None and isinstance(outcome, TlsTransport):
         await body(outcome)
     await asyncio.to_thread(thread.join, 30)
     return result.get("value"), outcome
@@ -191,7 +191,7 @@ def test_bytes_arrive_intact_both_ways_and_the_peer_certificate_is_known(pki: Pk
 
     peer: dict[str, bytes | None] = {}
 
-    async def body(transport: ServerTls) -> None:
+    async def body(transport: TlsTransport) -> None:
         peer["der"] = peer_certificate(transport)
         await box["p"].eof
 
@@ -201,7 +201,7 @@ def test_bytes_arrive_intact_both_ways_and_the_peer_certificate_is_known(pki: Pk
 
     echoed, outcome = run(main())
     protocol = box["p"]
-    assert isinstance(outcome, ServerTls)
+    assert isinstance(outcome, TlsTransport)
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
     assert bytes(protocol.data) == payload
     # many TLS records per socket read are handed on together, not one call per record
@@ -222,7 +222,7 @@ def test_a_paused_reader_stops_the_socket_and_loses_nothing(pki: Pki) -> None:
                 progress["sent"] += tls.send(view[progress["sent"] : progress["sent"] + 65536])
             tls.unwrap()
 
-    async def body(transport: ServerTls) -> None:
+    async def body(transport: TlsTransport) -> None:
         protocol = box["p"]
         transport.pause_reading()
         assert not transport.is_reading()
@@ -245,7 +245,7 @@ def test_a_paused_reader_stops_the_socket_and_loses_nothing(pki: Pki) -> None:
     failure, outcome = run(main())
     protocol = box["p"]
     assert failure is None
-    assert isinstance(outcome, ServerTls)
+    assert isinstance(outcome, TlsTransport)
     assert hashlib.sha256(protocol.data).digest() == hashlib.sha256(payload).digest()
 
 
@@ -265,7 +265,7 @@ def test_close_flushes_what_is_buffered_then_sends_close_notify(pki: Pki) -> Non
                 end = "eof without close_notify"
             return bytes(got), end
 
-    async def body(transport: ServerTls) -> None:
+    async def body(transport: TlsTransport) -> None:
         transport.write(payload)
         transport.close()
         assert transport.is_closing()
@@ -290,7 +290,7 @@ def test_the_client_leaving_reaches_the_protocol(pki: Pki) -> None:
         tls.sendall(b"last words")
         tls.close()  # no close_notify: a plain TCP close, as a killed psql
 
-    async def body(transport: ServerTls) -> None:
+    async def body(transport: TlsTransport) -> None:
         await box["p"].lost
 
     async def main() -> tuple[Any, Any]:
@@ -321,3 +321,113 @@ def test_garbage_instead_of_a_handshake_is_a_handshake_failure(
     answer, outcome = run(main())
     assert isinstance(outcome, TlsHandshakeFailed)
     assert answer[:1] in (b"", b"\x15")  # nothing, or an alert record
+
+
+# -- the client side (`connect_tls`: the agent's TLS to its database) ----------------------------
+
+
+def tls_server(pki: Pki, work: Callable[[ssl.SSLSocket], Any]) -> tuple[int, Callable[[], Any]]:
+    """Python's own TLS server (the host certificate, for "localhost" and 127.0.0.1) in a
+    thread: it accepts one connection, runs `work` on it and keeps what it returns (or the
+    exception it raised). Returns (port, a function that waits for that outcome)."""
+    creds = pki.host("db-tls", "db")
+    ctx = server_context(creds.cert_pem, creds.key_pem, [], "none")
+    listener = socket.create_server(("127.0.0.1", 0))
+    result: dict[str, Any] = {}
+
+    def serve() -> None:
+        try:
+            sock, _ = listener.accept()
+            with ctx.wrap_socket(sock, server_side=True) as tls:
+                result["value"] = work(tls)
+        except BaseException as exc:  # handed back to the test
+            result["value"] = exc
+        finally:
+            listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def outcome() -> Any:
+        thread.join(30)
+        return result.get("value")
+
+    return listener.getsockname()[1], outcome
+
+
+async def dial(
+    port: int, protocol: asyncio.Protocol, ctx: ssl.SSLContext, hostname: str
+) -> TlsTransport:
+    loop = asyncio.get_running_loop()
+    raw, _ = await loop.create_connection(Inbox, "127.0.0.1", port)
+    try:
+        return await connect_tls(raw, protocol, ctx, hostname)  # type: ignore[arg-type]
+    except BaseException:
+        raw.abort()
+        raise
+
+
+def database_client_ctx(pki: Pki) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(pki.host_ca_file))  # verify-full
+
+
+def test_the_client_side_carries_bytes_both_ways_and_ends_with_close_notify(pki: Pki) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 7)
+
+    def echo(tls: ssl.SSLSocket) -> str:
+        got = 0
+        while got < len(payload):
+            chunk = tls.recv(1 << 20)
+            if not chunk:
+                return "ended early"
+            tls.sendall(chunk)
+            got += len(chunk)
+        try:
+            return "close_notify" if tls.recv(1) == b"" else "more bytes"
+        except ssl.SSLEOFError:
+            return "eof without close_notify"
+
+    port, outcome = tls_server(pki, echo)
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        protocol = Collect()
+        transport = await dial(port, protocol, database_client_ctx(pki), "localhost")
+        assert protocol.transport is transport
+        assert transport.get_extra_info("ssl_object").server_hostname == "localhost"
+        transport.write(payload)
+        while len(protocol.data) < len(payload) and not protocol.lost.done():
+            await asyncio.sleep(0.01)
+        box["echoed"] = bytes(protocol.data)
+        transport.close()
+        await protocol.lost
+
+    run(main())
+    assert box["echoed"] == payload
+    assert outcome() == "close_notify"
+
+
+@pytest.mark.parametrize(
+    ("hostname", "why"),
+    [("db.example.com", "Hostname mismatch"), ("localhost", "unable to get local issuer")],
+)
+def test_a_server_the_client_cannot_verify_fails_the_handshake_and_hears_why(
+    pki: Pki, tmp_path: Path, hostname: str, why: str
+) -> None:
+    port, outcome = tls_server(pki, lambda tls: "handshake done")
+    ctx = database_client_ctx(pki)
+    if hostname == "localhost":  # trust another CA than the one that signed the server
+        other = ClusterCAs.load_or_create(tmp_path / "other", pki.cluster)
+        (tmp_path / "other.pem").write_bytes(other.host.certificate_pem())
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "other.pem"))
+
+    async def main() -> TlsHandshakeFailed:
+        with pytest.raises(TlsHandshakeFailed) as failed:
+            await dial(port, Collect(), ctx, hostname)
+        return failed.value
+
+    failure = run(main())
+    assert failure.reason.startswith("certificate verify failed") and why in failure.reason
+    server_saw = outcome()
+    # The alert was sent before the socket closed: the server knows why, too.
+    assert isinstance(server_saw, ssl.SSLError) and "ALERT" in str(server_saw)
