@@ -1,5 +1,6 @@
-"""TLS run by hand over memory BIOs, for the data path's TLS legs: the proxy's side of a
-PostgreSQL client's TLS (`accept_tls`) and the agent's TLS to its database (`connect_tls`).
+"""TLS run by hand over memory BIOs, for every TLS leg of the data path: the proxy's side
+of a PostgreSQL client's TLS and of the agents' tunnel connections (`accept_tls`), the
+agent's side of its tunnel connections and of its TLS to the database (`connect_tls`).
 
 Why not `loop.start_tls`:
 - when OpenSSL refuses the client's certificate during the handshake (one from another
@@ -13,7 +14,9 @@ Why not `loop.start_tls`:
   counts say so. Measured on the agent's database leg (pgbench -S -c 8 through `teleport
   start`, both in the same lab run, CPU of the process per transaction, two rounds each):
   40.3-41.7 us against 42.1-43.6 with uvloop's; on the proxy's client leg the two were the
-  same within the noise (42.5 and 49.9 against 44.7 and 50.7).
+  same within the noise (42.5 and 49.9 against 44.7 and 50.7). With the tunnel's two legs
+  too, the distributed path went from 30.6 to 29.6 us per transaction in the proxy and
+  from 53.7 to 51 in the agent (one run each, two rounds).
 
 `accept_tls(raw, protocol, context, pending=b"")` runs the server side of the handshake on
 `raw` (a connected asyncio transport whose protocol it replaces), `connect_tls(raw,

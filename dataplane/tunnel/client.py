@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from dataplane.relay import ConnectionClosed, Inbox
+from dataplane.tls_transport import connect_tls
 from dataplane.tunnel.frames import (
     CancelStart,
     DataHello,
@@ -196,14 +197,12 @@ class ProxyLink:
         ctx = self._context()
         inbox = Inbox(limit=2 * 64 * 1024)
         async with asyncio.timeout(self.connect_timeout):
-            transport, _ = await loop.create_connection(
-                lambda: inbox,
-                self.host,
-                self.port,
-                ssl=ctx,
-                server_hostname=self.host,
-                ssl_handshake_timeout=self.connect_timeout,
-            )
+            raw, _ = await loop.create_connection(lambda: inbox, self.host, self.port)
+            try:
+                transport = await connect_tls(raw, inbox, ctx, self.host)
+            except BaseException:
+                raw.abort()
+                raise
         try:
             creds = self.contexts.credentials
             trusted = host_cas(creds, self.bundles.current)

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dataplane.relay import ConnectionClosed, Inbox
+from dataplane.tls_transport import accept_tls
 from dataplane.tunnel.accept import Acceptor, bind_listener
 from dataplane.tunnel.frames import (
     CancelStart,
@@ -261,12 +262,19 @@ class TunnelServer:
         inbox = Inbox(limit=2 * 64 * 1024)
         try:
             ctx = self.contexts.tunnel_server(self.bundles.current)
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: inbox, sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout
-            )
-        except (OSError, TimeoutError, ValueError) as exc:
-            logger.info("tunnel connection from %s failed its TLS handshake: %s", peer, exc)
+            raw, _ = await loop.connect_accepted_socket(lambda: inbox, sock)
+        except (OSError, ValueError) as exc:
+            logger.info("tunnel connection from %s failed before its TLS handshake: %s",
+                        peer, exc)
             sock.close()
+            return
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                transport = await accept_tls(raw, inbox, ctx, inbox.take())
+        except (OSError, TimeoutError) as exc:  # TlsHandshakeFailed is an OSError
+            logger.info("tunnel connection from %s failed its TLS handshake: %s", peer,
+                        str(exc) or type(exc).__name__)
+            raw.abort()
             return
         try:
             creds = self.contexts.credentials
