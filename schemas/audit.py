@@ -339,7 +339,7 @@ class EventWriter:
     def _outcome(self, value: Outcome) -> bytes:
         seen = self._models.get(id(value))
         if seen is None:
-            if type(value) is not Outcome and not isinstance(value, Outcome):
+            if not isinstance(value, Outcome):
                 raise TypeError(f"an audit event outcome of type {type(value).__name__}")
             if len(self._models) >= 256:
                 self._models.clear()
