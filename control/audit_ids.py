@@ -101,9 +101,6 @@ class EventIdIndex:
         """Note `event_id` as stored on arrival `day`."""
         self.add_keys((key_of(event_id),), day)
 
-    def add_all(self, event_ids: Iterable[str], day: date) -> None:
-        self.add_keys(map(key_of, event_ids), day)
-
     def add_keys(self, keys: Iterable[Key], day: date) -> None:
         """Note the ids of `keys` (`key_of`) as stored on arrival `day`."""
         all_ranges = self._ranges

@@ -260,15 +260,14 @@ async def build_agent(
     # pgbench -S -c 8 through teleport start, CPU of its process per transaction: batches
     # of ~300 events (192 KiB) 53-60 us, of up to 2,000 events 47-49 us (5,000: no better,
     # and chaining one on the event loop would hold the data path for ~15 ms).
+    spool = join.data_dir / "db" / "audit-spool"
     if local_audit is not None:
         shipper = AuditShipper(
-            local_audit(link.credentials.host_id), join.data_dir / "db" / "audit-spool",
+            local_audit(link.credentials.host_id), spool,
             batch_events=LOCAL_BATCH_EVENTS, batch_bytes=LOCAL_BATCH_BYTES,
         )
     else:
-        shipper = AuditShipper(
-            SendJson(link.client.send_audit_json), join.data_dir / "db" / "audit-spool"
-        )
+        shipper = AuditShipper(SendJson(link.client.send_audit_json), spool)
     agent = AgentService(
         credentials=link.credentials,
         bundles=link.feed,

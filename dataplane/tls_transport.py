@@ -386,21 +386,17 @@ async def connect_tls(
     `accept_tls`; `server_hostname` is sent (SNI) and checked against the server's
     certificate when `context` checks host names."""
     tls = TlsTransport(raw, context, asyncio.get_running_loop(), server_hostname)
-    return await _handshake(tls, raw, protocol, b"", client=True)
+    return await _handshake(tls, raw, protocol, b"")
 
 
 async def _handshake(
-    tls: TlsTransport,
-    raw: asyncio.Transport,
-    protocol: asyncio.BaseProtocol,
-    pending: bytes,
-    client: bool = False,
+    tls: TlsTransport, raw: asyncio.Transport, protocol: asyncio.BaseProtocol, pending: bytes
 ) -> TlsTransport:
     waiter = tls._waiter
     assert waiter is not None
     raw.set_protocol(tls)
-    if client:
-        tls._handshake_step()  # the ClientHello
+    if not tls._ssl.server_side:
+        tls._handshake_step()  # the client speaks first: its ClientHello
     if pending:
         tls.data_received(pending)
     if raw.is_closing() and not waiter.done():
