@@ -201,10 +201,14 @@ def read_retention(directory: Path) -> tuple[int, str] | None:
         return None
 
 
-def prune_log(directory: Path, before: date) -> list[Path]:
+def prune_log(directory: Path, before: date, dry_run: bool = False) -> list[Path]:
     """Retention: delete the day files older than `before` (never the newest one), and note
     in RETENTION.json where the log now starts, so that `verify_log` can tell this from a
-    removal. Returns the files deleted."""
+    removal. Returns the files deleted (with `dry_run`: the files it would delete, and
+    nothing is changed).
+
+    Safe while the control plane runs: it only ever appends to the file of the current
+    arrival day, which is the newest, and an older day file is never written again."""
     directory = Path(directory)
     files = day_files(directory)
     old = [path for day, path in files[:-1] if day < before]
@@ -217,6 +221,8 @@ def prune_log(directory: Path, before: date) -> list[Path]:
             break
     if first is None:
         return []
+    if dry_run:
+        return old
     note = {"first_seq": first["seq"], "prev": first["prev"], "before": before.isoformat()}
     write_atomic(directory / RETENTION_FILE, json.dumps(note).encode(), PRIVATE)
     for path in old:

@@ -8,9 +8,14 @@
                       [--format text|json] [--data-dir DIR]
         Events in the order the control plane received them: text is one line each (time,
         type, user, db service/name/user, the query or outcome), json is the events.
+    tctl audit prune --keep DURATION [--dry-run] [--data-dir DIR]
+        Retention: deletes the day files of records that arrived before the last DURATION
+        (90d, 2160h), never the newest file, and notes where the log now starts
+        (RETENTION.json) so that `verify` tells pruning from tampering.
 
-It reads the files directly (the control plane need not be running) and never writes to the
-log. Text output escapes control characters: a query cannot drive the terminal.
+It reads the files directly (the control plane need not be running, and may be: `prune`
+never touches the file it appends to). Only `prune` changes the log, and only by deleting
+whole day files. Text output escapes control characters: a query cannot drive the terminal.
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ import argparse
 import json
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from control.audit_store import search_log, verify_log
+from control.audit_store import (
+    DEFAULT_DEDUPE_WINDOW,
+    day_files,
+    prune_log,
+    read_retention,
+    search_log,
+    verify_log,
+)
 from control.tctl import UsageError, add_data_dir_argument, data_dir_of
 from schemas.audit import (
     AuditEvent,
@@ -56,6 +68,19 @@ exit status:
   0  the log is intact
   1  the log was changed: the first bad file:line is printed with the reason
   2  usage error, or the data dir cannot be read
+"""
+
+PRUNE_EPILOG = """\
+Day files hold the records that arrived on one UTC day; --keep 90d deletes those of days
+before the one 90 days ago. The newest file always stays, whatever its day. RETENTION.json
+then says which record the log starts at, so `tctl audit verify` accepts the shorter log and
+still finds anything else removed. Archive the files first if you must keep them longer.
+
+Below 7 days, a batch an agent sends again after a control plane restart may no longer be
+recognised as a duplicate (the control plane rebuilds its index of event ids from the last
+7 days of files): the command says so and goes on.
+
+exit status: 0 (also when there is nothing to delete), 2 usage error or unreadable data dir
 """
 
 
@@ -99,6 +124,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_dir_argument(search)
     search.set_defaults(func=run_search)
 
+    prune = asub.add_parser(
+        "prune",
+        help="delete the oldest day files of the audit log (retention)",
+        description="Delete the day files of records that arrived before the last --keep, "
+        "and note where the log now starts so that `tctl audit verify` still passes.",
+        epilog=PRUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prune.add_argument(
+        "--keep", metavar="DURATION", required=True,
+        help="how much of the log to keep, counted back from today: 90d, 2160h (at least 1d)",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
+    )
+    add_data_dir_argument(prune)
+    prune.set_defaults(func=run_prune)
+
 
 def _audit_dir(args: argparse.Namespace) -> Path:
     return data_dir_of(args) / "audit"
@@ -136,6 +179,81 @@ def run_verify(args: argparse.Namespace) -> int:
     lines.extend(f"note: {note}" for note in report.notes)
     _write("".join(f"{line}\n" for line in lines))
     return 0 if report.ok else 1
+
+
+# -- prune --------------------------------------------------------------------------------
+
+
+def _keep(text: str) -> timedelta:
+    """--keep: whole days (`90d`) or a duration (`2160h`)."""
+    days = text.strip()
+    try:
+        if days.endswith("d") and days[:-1].isdigit():
+            return timedelta(days=int(days[:-1]))
+        return parse_duration(text)
+    except (DurationError, OverflowError):
+        raise UsageError(
+            f"--keep {text!r} is not a length of time: give days (90d) or hours (2160h)"
+        ) from None
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    keep = _keep(args.keep)
+    if keep < timedelta(days=1):
+        raise UsageError(
+            f"--keep {args.keep}: keep at least one day (1d); the file of today is being "
+            "written"
+        )
+    directory = _audit_dir(args)
+    if not directory.is_dir():
+        print(f"No audit log in {directory} yet: nothing to prune.")
+        return 0
+    # A day file holds one UTC day of arrivals: those of days before the one `keep` ago
+    # all arrived more than `keep` ago.
+    try:
+        before = (datetime.now(UTC) - keep).date()
+    except OverflowError:  # longer than the calendar goes back: keep everything
+        before = date.min
+    if keep < DEFAULT_DEDUPE_WINDOW:
+        print(
+            f"tctl: warning: keeping less than {DEFAULT_DEDUPE_WINDOW.days} days: after the "
+            "next control plane restart, a batch an agent sends again from before "
+            f"{before.isoformat()} is no longer recognised as a duplicate",
+            file=sys.stderr,
+        )
+    files = day_files(directory)
+    try:
+        sizes = {path: path.stat().st_size for _day, path in files}
+        removed = prune_log(directory, before, dry_run=args.dry_run)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot prune the audit log in {directory}: {exc.strerror or exc} "
+            f"({exc.filename}); run tctl as the user the control plane runs as"
+        ) from None
+    if not removed:
+        if not files:
+            why = "no day files yet"
+        elif files[0][0] < before:
+            why = f"its only day file before {before.isoformat()} is the newest, which stays"
+        else:
+            why = f"its oldest day file is {files[0][0].isoformat()}, within the {args.keep} kept"
+        print(f"Nothing to prune in {directory}: {why}.")
+        return 0
+    size = _bytes(sum(sizes.get(path, 0) for path in removed))
+    span = f"{removed[0].stem} to {removed[-1].stem}" if len(removed) > 1 else removed[0].stem
+    if args.dry_run:
+        print(
+            f"Would delete {len(removed)} day file(s) of {directory}, {span} ({size}); "
+            "nothing was changed (--dry-run)."
+        )
+        return 0
+    retention = read_retention(directory)
+    start = f"; the log now starts at seq {retention[0]}" if retention is not None else ""
+    print(
+        f"Deleted {len(removed)} day file(s) of {directory}, {span} ({size}){start}. "
+        "`tctl audit verify` accepts it (RETENTION.json)."
+    )
+    return 0
 
 
 # -- search -------------------------------------------------------------------------------

@@ -220,3 +220,78 @@ def test_search_reads_across_days(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, out, _ = tctl(capsys, "audit", "search", "--data-dir", str(tmp_path), "--since",
                         "36h", "--format", "json")
     assert code == 0 and len(json.loads(out)) == 4
+
+
+# -- prune ----------------------------------------------------------------------------------
+
+
+def days_ago_log(tmp_path: Path, *days_ago: int) -> list[Path]:
+    """A data dir whose audit log has 2 records arriving on each of `days_ago` (oldest
+    first): its day files."""
+    now = datetime.now(UTC)
+    clock = Clock(now - timedelta(days=days_ago[0]))
+    with AuditStore(tmp_path / "audit", clock=clock) as store:
+        for ago in days_ago:
+            clock.now = now - timedelta(days=ago)
+            store.append(numbered_events(2, time=clock.now))
+    return sorted((tmp_path / "audit").glob("*.jsonl"))
+
+
+def test_prune_deletes_old_days_and_verify_still_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = days_ago_log(tmp_path, 20, 10, 2, 0)
+    assert len(files) == 4
+    code, out, err = tctl(capsys, "audit", "prune", "--keep", "7d", "--dry-run",
+                          "--data-dir", str(tmp_path))
+    assert code == 0 and err == ""
+    assert out.startswith(f"Would delete 2 day file(s) of {tmp_path / 'audit'}, "
+                          f"{files[0].stem} to {files[1].stem} (")
+    assert sorted((tmp_path / "audit").glob("*.jsonl")) == files  # a dry run changes nothing
+
+    code, out, err = tctl(capsys, "audit", "prune", "--keep", "7d", "--data-dir", str(tmp_path))
+    assert code == 0 and err == ""
+    assert "Deleted 2 day file(s)" in out and "the log now starts at seq 5" in out
+    assert sorted((tmp_path / "audit").glob("*.jsonl")) == files[2:]
+
+    code, out, _ = tctl(capsys, "audit", "verify", "--data-dir", str(tmp_path))
+    assert code == 0, out
+    assert "seq 5 to 8" in out and "removed by retention" in out
+    code, out, _ = tctl(capsys, "audit", "search", "--data-dir", str(tmp_path), "--format",
+                        "json")
+    assert code == 0 and len(json.loads(out)) == 4
+
+    code, out, _ = tctl(capsys, "audit", "prune", "--keep", "7d", "--data-dir", str(tmp_path))
+    assert code == 0
+    assert out == (f"Nothing to prune in {tmp_path / 'audit'}: its oldest day file is "
+                   f"{files[2].stem}, within the 7d kept.\n")
+
+
+def test_prune_keeps_the_newest_file_and_warns_inside_the_dedupe_window(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = days_ago_log(tmp_path, 30)
+    code, out, err = tctl(capsys, "audit", "prune", "--keep", "3d", "--data-dir", str(tmp_path))
+    assert code == 0
+    assert "its only day file before" in out and "is the newest, which stays" in out
+    assert "keeping less than 7 days" in err and "no longer recognised as a duplicate" in err
+    assert sorted((tmp_path / "audit").glob("*.jsonl")) == files
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [("12h", "keep at least one day"), ("soon", "--keep 'soon'")],
+)
+def test_prune_refuses_a_bad_keep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], keep: str, message: str
+) -> None:
+    files = days_ago_log(tmp_path, 20, 0)
+    code, out, err = tctl(capsys, "audit", "prune", "--keep", keep, "--data-dir", str(tmp_path))
+    assert code == 2 and out == ""
+    assert err.startswith("tctl: error: ") and message in err
+    assert sorted((tmp_path / "audit").glob("*.jsonl")) == files
+
+
+def test_prune_without_a_log_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = tctl(capsys, "audit", "prune", "--keep", "90d", "--data-dir", str(tmp_path))
+    assert code == 0 and "nothing to prune" in out
