@@ -1,4 +1,4 @@
-"""`tctl audit`: read the control plane's audit log, and check that nobody changed it.
+"""`tctl audit`: read the control plane's audit log, check that nobody changed it, prune it.
 
     tctl audit verify [--data-dir DIR]
         Re-reads every record of <data_dir>/audit and checks the hash chain. Exit 0 when the
@@ -87,9 +87,9 @@ exit status: 0 (also when there is nothing to delete), 2 usage error or unreadab
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
-        help="search the audit log and verify its hash chain",
-        description="Search database session events (who ran which query where) and check "
-        "that the audit log was not changed.",
+        help="search the audit log, verify its hash chain, prune old days",
+        description="Search database session events (who ran which query where), check "
+        "that the audit log was not changed, and delete its oldest days (retention).",
     )
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
 
