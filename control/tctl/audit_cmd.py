@@ -233,6 +233,9 @@ def run_prune(args: argparse.Namespace) -> int:
     if not removed:
         if not files:
             why = "no day files yet"
+        elif any(day < before for day, _path in files[:-1]):
+            why = (f"the files from {before.isoformat()} on hold no record yet, so where the "
+                   "log would start cannot be noted; nothing was deleted")
         elif files[0][0] < before:
             why = f"its only day file before {before.isoformat()} is the newest, which stays"
         else:

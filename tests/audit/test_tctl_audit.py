@@ -295,3 +295,14 @@ def test_prune_refuses_a_bad_keep(
 def test_prune_without_a_log_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = tctl(capsys, "audit", "prune", "--keep", "90d", "--data-dir", str(tmp_path))
     assert code == 0 and "nothing to prune" in out
+
+
+def test_prune_deletes_nothing_when_the_kept_files_hold_no_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = days_ago_log(tmp_path, 20)
+    newest = tmp_path / "audit" / f"{datetime.now(UTC).date().isoformat()}.jsonl"
+    newest.write_bytes(b"")  # a first write that a crash cut, say
+    code, out, _ = tctl(capsys, "audit", "prune", "--keep", "7d", "--data-dir", str(tmp_path))
+    assert code == 0 and "hold no record yet" in out and "nothing was deleted" in out
+    assert sorted((tmp_path / "audit").glob("*.jsonl")) == [*files, newest]
