@@ -201,6 +201,12 @@ def read_retention(directory: Path) -> tuple[int, str] | None:
         return None
 
 
+def prunable(files: list[tuple[date, Path]], before: date) -> list[Path]:
+    """Of `files` (`day_files`), those retention may delete: days before `before`, never the
+    newest file."""
+    return [path for day, path in files[:-1] if day < before]
+
+
 def prune_log(directory: Path, before: date, dry_run: bool = False) -> list[Path]:
     """Retention: delete the day files older than `before` (never the newest one), and note
     in RETENTION.json where the log now starts, so that `verify_log` can tell this from a
@@ -211,7 +217,7 @@ def prune_log(directory: Path, before: date, dry_run: bool = False) -> list[Path
     arrival day, which is the newest, and an older day file is never written again."""
     directory = Path(directory)
     files = day_files(directory)
-    old = [path for day, path in files[:-1] if day < before]
+    old = prunable(files, before)
     if not old:
         return []
     first = None

@@ -30,6 +30,7 @@ from pathlib import Path
 from control.audit_store import (
     DEFAULT_DEDUPE_WINDOW,
     day_files,
+    prunable,
     prune_log,
     read_retention,
     search_log,
@@ -233,7 +234,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if not removed:
         if not files:
             why = "no day files yet"
-        elif any(day < before for day, _path in files[:-1]):
+        elif prunable(files, before):
             why = (f"the files from {before.isoformat()} on hold no record yet, so where the "
                    "log would start cannot be noted; nothing was deleted")
         elif files[0][0] < before:

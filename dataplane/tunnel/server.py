@@ -271,7 +271,7 @@ class TunnelServer:
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 transport = await accept_tls(raw, inbox, ctx, inbox.take())
-        except (OSError, TimeoutError) as exc:  # TlsHandshakeFailed is an OSError
+        except OSError as exc:  # TimeoutError and TlsHandshakeFailed are OSErrors
             logger.info("tunnel connection from %s failed its TLS handshake: %s", peer,
                         str(exc) or type(exc).__name__)
             raw.abort()
