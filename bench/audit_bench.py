@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.dataplane_bench import Target, pgbench_select, wait_answers
-from control.audit_store import AuditStore, verify_log
+from control.audit_store import INDEX_FILE, AuditStore, day_files, verify_log
 from control.ca import certificate_pem
 from dataplane.audit import AuditShipper, SendJson
 from launcher.embedded_postgres import ServerTLS
@@ -251,10 +251,32 @@ def micro(batches: int = 40, per_batch: int = 320) -> None:
         report = verify_log(Path(tmp) / "audit")
         print(f"verify_log: {_us(time.process_time() - started, report.records)} us/record "
               f"({report.records} records, {'intact' if report.ok else 'NOT intact'})")
+        print(_restart(Path(tmp) / "audit"))
         costs = [asyncio.run(_ship(Path(tmp) / f"spool-{i}", events, per_batch))
                  for i in range(3)]
         print(f"agent, AuditShipper: {statistics.median(costs):.1f} us/event "
               "(emit to request body, no network)")
+
+
+def _restart(directory: Path) -> str:
+    """How long the control plane's store takes to open the log in `directory`: from its
+    index checkpoint (INDEX.json, written at close), then rebuilding the index from the
+    day files (the checkpoint removed)."""
+    size = sum(path.stat().st_size for _, path in day_files(directory))
+
+    def opened() -> float:
+        started = time.perf_counter()
+        AuditStore(directory).close()
+        return time.perf_counter() - started
+
+    with_checkpoint = statistics.median(opened() for _ in range(3))
+    rebuilt = []
+    for _ in range(3):
+        (directory / INDEX_FILE).unlink()
+        rebuilt.append(opened())
+    return (f"control plane start, audit log of {size / 1e6:.1f} MB: "
+            f"{with_checkpoint * 1e3:.1f} ms from the index checkpoint, "
+            f"{statistics.median(rebuilt) * 1e3:.1f} ms rebuilding the index from the files")
 
 
 async def _ship(spool: Path, events: list[AuditEvent], per_batch: int) -> float:

@@ -17,6 +17,10 @@ Forgetting (`forget_before(day)`): a prefix goes once the last of its ids arrive
 `day`, an id of another form once its own day is before it. A prefix still in use keeps its
 older numbers as well; the window is the least of what is recognised, never the most.
 Exact: an id is reported as stored only if it was added.
+
+Saving (`to_json`, `from_json`): the store checkpoints the index beside the log so that a
+restart reads only what was written after the checkpoint. `from_json` checks the form
+(types, sorted and disjoint ranges) and raises `ValueError` for anything else.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable
 from datetime import date
+from typing import Any
 
 from schemas.audit import split_event_id
 
@@ -67,6 +72,22 @@ class _Ranges:
 
     def __len__(self) -> int:
         return sum(end - start + 1 for start, end in zip(self.starts, self.ends, strict=True))
+
+    @classmethod
+    def restored(cls, starts: list[int], ends: list[int], last_day: date) -> _Ranges:
+        """Ranges as `to_json` saved them; ValueError unless sorted, disjoint, inclusive."""
+        if not starts or len(starts) != len(ends):
+            raise ValueError("a prefix needs as many range starts as ends, at least one")
+        previous_end = -2
+        for start, end in zip(starts, ends, strict=True):
+            if type(start) is not int or type(end) is not int:
+                raise ValueError("range bounds must be integers")
+            if not previous_end + 1 < start <= end:
+                raise ValueError("ranges must be sorted, disjoint and not empty")
+            previous_end = end
+        ranges = cls.__new__(cls)
+        ranges.starts, ranges.ends, ranges.last_day = list(starts), list(ends), last_day
+        return ranges
 
 
 #: How the index files one id: (prefix, number) for an id `new_event_id` made, else the id.
@@ -135,6 +156,42 @@ class EventIdIndex:
         return sum(len(r) for r in self._ranges.values()) + sum(
             len(ids) for ids in self._other.values()
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """The index as JSON-ready data (`from_json` reads it back)."""
+        return {
+            "ranges": {
+                prefix: {"last_day": r.last_day.isoformat(), "starts": r.starts, "ends": r.ends}
+                for prefix, r in self._ranges.items()
+            },
+            "other": {day.isoformat(): sorted(ids) for day, ids in self._other.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> EventIdIndex:
+        """The index `to_json` gave; `ValueError` (naming what is wrong) for anything else."""
+        if not isinstance(data, dict) or set(data) != {"ranges", "other"}:
+            raise ValueError('the index must be an object with "ranges" and "other"')
+        ranges, other = data["ranges"], data["other"]
+        if not isinstance(ranges, dict) or not isinstance(other, dict):
+            raise ValueError('"ranges" and "other" must be objects')
+        index = cls()
+        for prefix, held in ranges.items():
+            if not isinstance(held, dict) or set(held) != {"last_day", "starts", "ends"}:
+                raise ValueError(f"prefix {prefix!r}: needs last_day, starts and ends")
+            starts, ends = held["starts"], held["ends"]
+            if not isinstance(starts, list) or not isinstance(ends, list):
+                raise ValueError(f"prefix {prefix!r}: starts and ends must be lists")
+            try:
+                last_day = date.fromisoformat(held["last_day"])
+                index._ranges[prefix] = _Ranges.restored(starts, ends, last_day)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"prefix {prefix!r}: {exc}") from None
+        for day, ids in other.items():
+            if not isinstance(ids, list) or not all(type(i) is str for i in ids):
+                raise ValueError(f"other ids of {day!r}: must be a list of strings")
+            index._other[date.fromisoformat(day)] = set(ids)
+        return index
 
     def footprint(self) -> int:
         """How many entries hold them: ranges and ids of other forms (memory grows with this,

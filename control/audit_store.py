@@ -34,11 +34,21 @@ today's file. `search(since=T)` therefore reads the files from the day before T'
 (arrival is never before the event, give or take clock skew) and filters on event time.
 
 Duplicates are dropped by event id, within a batch and against every id received in the
-last `dedupe_window` (7 days by default) of files, an index rebuilt from the files at start:
-a batch re-sent after a control plane restart (its acknowledgement lost) is recognised.
-Memory grows with the number of processes that sent events in the window, not with the
-number of events: one process's ids are consecutive numbers under one prefix, kept as ranges
-(`control.audit_ids.EventIdIndex`).
+last `dedupe_window` (7 days by default) of files: a batch re-sent after a control plane
+restart (its acknowledgement lost) is recognised. Memory grows with the number of processes
+that sent events in the window, not with the number of events: one process's ids are
+consecutive numbers under one prefix, kept as ranges (`control.audit_ids.EventIdIndex`).
+
+The index is checkpointed to INDEX.json (at close, and every `CHECKPOINT_SECONDS` while
+writing): the index, and the file, offset, seq and hash of the last record it covers. At
+start the store reads only what follows that record, if the checkpoint still describes the
+log: the named file holds, ending at that offset, the record with that seq and hash (the
+log is append-only, so the files before it are unchanged, or tampered with, which `verify`
+reports). Otherwise (no checkpoint, unreadable, malformed, or the log cut or changed under
+it) the store says why and rebuilds the index from the window's files, about 10 s per GB
+here. INDEX.json is only a cache of what the files hold; deleting it is always safe. Like
+the log, it is trusted storage: whoever can write the audit directory can already remove
+records.
 
 Durability: `append` returns only after the batch's lines are fsynced; concurrent callers
 (threads, or coroutines through `asyncio.to_thread`) share one write and one fsync (group
@@ -98,6 +108,13 @@ log = logging.getLogger("teleport.control.audit")
 GENESIS = "0" * 64
 HEAD_FILE = "HEAD.json"
 RETENTION_FILE = "RETENTION.json"
+INDEX_FILE = "INDEX.json"
+INDEX_FORMAT = 1
+# While writing, the index is checkpointed at most this often (and always at close).
+CHECKPOINT_SECONDS = 300.0
+# The longest record line `_checkpoint_mismatch` reads back (an event is at most
+# MAX_EVENT_BYTES of JSON; a format-1 record, re-serialized, a little more).
+_MAX_RECORD_LINE = 1 << 20
 DEFAULT_DEDUPE_WINDOW = timedelta(days=7)
 # Events chained per step of the event loop by `append_encoded_async` (~3 us each).
 BUILD_SLICE = 256
@@ -239,6 +256,28 @@ def prune_log(directory: Path, before: date, dry_run: bool = False) -> list[Path
     return old
 
 
+def _checkpoint_mismatch(directory: Path, position: _Position) -> str:
+    """Why the log does not hold, ending at `position`, the record it names ("" if it does)."""
+    path = directory / position.file
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < position.offset:
+            return f"{position.file} is shorter than the {position.offset} bytes it covers"
+        begin = max(0, position.offset - _MAX_RECORD_LINE)
+        f.seek(begin)
+        chunk = f.read(position.offset - begin)
+    if not chunk.endswith(b"\n"):
+        return f"{position.file} has no line ending at offset {position.offset}"
+    cut = chunk.rfind(b"\n", 0, len(chunk) - 1)
+    if cut < 0 and begin > 0:
+        return f"the line ending at offset {position.offset} is too long to be a record"
+    record = _parse_record(chunk[cut + 1 :])
+    if record is None or (record["seq"], record["hash"]) != (position.seq, position.hash):
+        return (f"the record ending at offset {position.offset} of {position.file} is not "
+                f"seq {position.seq} with the hash it names")
+    return ""
+
+
 def _first_record(path: Path) -> dict[str, Any] | None:
     with path.open("rb") as f:
         for line in f:
@@ -263,6 +302,41 @@ def _parse_record(line: bytes) -> dict[str, Any] | None:
 
 
 # --- the store -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Position:
+    """The end of the last record written: its file, the offset after its newline, how many
+    lines the file holds up to there, and its seq and hash."""
+
+    file: str
+    offset: int
+    lines: int
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    position: _Position
+    received: str
+    index: EventIdIndex
+
+    @classmethod
+    def from_json(cls, data: Any) -> _Checkpoint:
+        """ValueError (naming what is wrong) unless `data` is what `_maybe_checkpoint` wrote."""
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            raise ValueError(f"not an index checkpoint of format {INDEX_FORMAT}")
+        fields = {"file": str, "offset": int, "lines": int, "seq": int, "hash": str,
+                  "received": str}  # fmt: skip
+        for name, kind in fields.items():
+            if type(data.get(name)) is not kind:
+                raise ValueError(f"{name!r} is missing or not a {kind.__name__}")
+        if _DAY_FILE.match(data["file"]) is None or data["offset"] <= 0 or data["lines"] <= 0:
+            raise ValueError("file, offset or lines out of range")
+        position = _Position(data["file"], data["offset"], data["lines"], data["seq"],
+                             data["hash"])  # fmt: skip
+        return cls(position, data["received"], EventIdIndex.from_json(data.get("index")))
 
 
 @dataclass
@@ -374,6 +448,8 @@ class AuditStore:
         self._last_received: datetime | None = None
         self._fd: int | None = None
         self._ids = EventIdIndex()
+        self._position: _Position | None = None  # None: not known, no checkpoint written
+        self._checkpointed = time.monotonic()
         self._write_lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list[_Pending] = []
@@ -415,14 +491,21 @@ class AuditStore:
         files = day_files(self.directory)
         today = self.clock().astimezone(UTC).date()
         oldest = today - timedelta(days=max(self.dedupe_window.days, 0))
+        checkpoint = self._read_checkpoint(files)
+        covered = ""  # the day files up to this one are in the checkpoint's index
+        if checkpoint is not None:
+            self._ids = checkpoint.index
+            self._ids.forget_before(oldest)
+            covered = checkpoint.position.file
         last: dict[str, Any] | None = None
-        last_path = ""
+        position: _Position | None = None
         for index, (day, path) in enumerate(files):
             newest = index == len(files) - 1
             in_window = day >= oldest
-            if not (newest or in_window):
+            if path.name < covered or not (newest or in_window or path.name == covered):
                 continue
-            scan = _scan_file(path, day, self._ids if in_window else None)
+            start = checkpoint.position if checkpoint and path.name == covered else None
+            scan = _scan_file(path, day, self._ids if in_window else None, start)
             for number in scan.bad_lines:
                 log.error(
                     "%s:%d is not an audit record (altered or corrupted); run `tctl audit "
@@ -431,7 +514,15 @@ class AuditStore:
             if newest and scan.good_bytes < scan.size:
                 self._cut_torn_tail(path, scan.good_bytes, scan.good_lines + 1)
             if scan.last is not None:
-                last, last_path = scan.last, path.name
+                last = scan.last
+                position = _Position(path.name, scan.good_bytes, scan.good_lines,
+                                     last["seq"], str(last["hash"]))  # fmt: skip
+        if last is None and checkpoint is not None:
+            # Nothing was written after the checkpoint.
+            position = checkpoint.position
+            last = {"seq": position.seq, "hash": position.hash,
+                    "received": checkpoint.received}  # fmt: skip
+        last_path = position.file if position is not None else ""
         if last is None:
             # The newest file may be empty (a torn first write); look further back.
             for _day, path in reversed(files):
@@ -460,12 +551,67 @@ class AuditStore:
                     self.directory / HEAD_FILE, self._seq,
                 )
             self._write_head(self._seq, self._hash, last_path)
+        self._position = position
         if files:
             log.info(
                 "audit log %s: %d day file(s), last seq %d, %d event id(s) in the duplicate "
-                "index (%d entries)", self.directory, len(files), self._seq, self.known_ids(),
-                self.index_entries(),
+                "index (%d entries)%s", self.directory, len(files), self._seq, self.known_ids(),
+                self.index_entries(), "; read from its checkpoint and what followed it"
+                if checkpoint is not None else "",
             )
+
+    def _read_checkpoint(self, files: list[tuple[date, Path]]) -> _Checkpoint | None:
+        """INDEX.json if it still describes the log (see the module docstring), else None
+        with a warning saying why the index is rebuilt from the files."""
+        path = self.directory / INDEX_FILE
+        try:
+            raw = path.read_bytes()
+            try:
+                data = json.loads(raw)
+            except ValueError as exc:
+                raise ValueError(f"not JSON: {exc}") from None
+            checkpoint = _Checkpoint.from_json(data)
+            names = {p.name for _, p in files}
+            if checkpoint.position.file not in names:
+                raise ValueError(f"its day file {checkpoint.position.file} is gone")
+            problem = _checkpoint_mismatch(self.directory, checkpoint.position)
+            if problem:
+                raise ValueError(problem)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError) as exc:
+            log.warning("%s is not used (%s); rebuilding the duplicate index from the day "
+                        "files", path, getattr(exc, "strerror", None) or exc)
+            with contextlib.suppress(OSError):
+                path.unlink()  # only a cache: the next checkpoint replaces it
+            return None
+        return checkpoint
+
+    def _maybe_checkpoint(self, force: bool = False) -> None:
+        """Write INDEX.json (holding the write lock, so the index and the position agree)
+        if `force` or it is `CHECKPOINT_SECONDS` old. A failure is logged: the checkpoint
+        only saves time at the next start."""
+        if self._position is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._checkpointed < CHECKPOINT_SECONDS:
+            return
+        self._checkpointed = now
+        position = self._position
+        received = self._last_received
+        data = {
+            "format": INDEX_FORMAT,
+            "file": position.file, "offset": position.offset, "lines": position.lines,
+            "seq": position.seq, "hash": position.hash,
+            "received": received.isoformat() if received is not None else "",
+            "index": self._ids.to_json(),
+        }  # fmt: skip
+        try:
+            write_atomic(self.directory / INDEX_FILE, json.dumps(data).encode(), PRIVATE,
+                         sync_dir=False)  # fmt: skip
+        except OSError as exc:
+            log.warning("cannot write %s (%s); the next start rebuilds the duplicate index "
+                        "from the day files", self.directory / INDEX_FILE, exc.strerror or exc)
 
     def _cut_torn_tail(self, path: Path, keep: int, line: int) -> None:
         with path.open("rb") as f:
@@ -635,11 +781,24 @@ class AuditStore:
 
     def _persist(self, built: _Built) -> None:
         """Write and fsync what `_build` chained, then make it the store's state."""
-        self._write_lines(built.day, built.data)
+        start = self._write_lines(built.day, built.data)
+        name = day_file_name(built.day)
+        before = self._position
+        if start == 0:
+            lines = 0
+        elif before is not None and (before.file, before.offset) == (name, start):
+            lines = before.lines
+        else:
+            lines = -1  # the file holds what this store did not write: no checkpoint
+        self._position = None if lines < 0 else _Position(
+            name, start + len(built.data), lines + built.seq - self._seq, built.seq,
+            built.digest,
+        )
         self._seq, self._hash = built.seq, built.digest
         self._last_received = built.now
         self._ids.add_keys(built.keys, built.day)
         self._forget_old(built.day)
+        self._maybe_checkpoint()
         try:
             self._write_head(built.seq, built.digest, day_file_name(built.day))
         except OSError as exc:
@@ -659,9 +818,9 @@ class AuditStore:
         oldest = today - timedelta(days=max(self.dedupe_window.days, 0))
         self._ids.forget_before(oldest)
 
-    def _write_lines(self, day: date, data: bytes) -> None:
+    def _write_lines(self, day: date, data: bytes) -> int:
         """Append `data` (whole lines) to `day`'s file and fsync; on failure cut what was
-        written."""
+        written. Returns the offset `data` was written at."""
         path = self.directory / day_file_name(day)
         if self._fd is None or self._day != day:
             self._close_fd()
@@ -690,6 +849,7 @@ class AuditStore:
                 )
                 log.critical("%s", self._broken)
             raise
+        return start
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -701,6 +861,8 @@ class AuditStore:
     def close(self) -> None:
         """Wait for a write in progress, then close; later appends raise AuditStoreError."""
         with self._write_lock:
+            if not self._closed and self._broken is None:
+                self._maybe_checkpoint(force=True)
             self._closed = True
             self._close_fd()
         self._writer.shutdown(wait=False)
@@ -737,14 +899,19 @@ class _Scan:
     bad_lines: list[int] = field(default_factory=list)  # not records, before the last good
 
 
-def _scan_file(path: Path, day: date, ids: EventIdIndex | None) -> _Scan:
-    """Read `path` (the file of arrival `day`) line by line: the last record, where the good
-    part ends; the event ids go to `ids`."""
+def _scan_file(
+    path: Path, day: date, ids: EventIdIndex | None, start: _Position | None = None
+) -> _Scan:
+    """Read `path` (the file of arrival `day`) line by line, from `start` on if given: the
+    last record, where the good part ends; the event ids go to `ids`."""
     scan = _Scan()
     pending_bad: list[int] = []
-    offset = 0
+    offset = first = 0
+    if start is not None:
+        offset, first = scan.good_bytes, scan.good_lines = start.offset, start.lines
     with path.open("rb") as f:
-        for number, line in enumerate(f, 1):
+        f.seek(offset)
+        for number, line in enumerate(f, first + 1):
             offset += len(line)
             record = _parse_record(line) if line.endswith(b"\n") else None
             if record is None:

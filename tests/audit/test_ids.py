@@ -4,11 +4,13 @@ and it answers exactly what a plain set of the ids added would answer."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from datetime import date, timedelta
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -113,6 +115,59 @@ def test_the_index_answers_as_a_set_of_the_ids_added(added: list[tuple[str, int]
         runs = sum(1 for i, n in enumerate(numbers) if i == 0 or numbers[i - 1] != n - 1)
         held = index._ranges.get(prefix)
         assert (len(held.starts) if held else 0) == runs
+    # Saved and read back (the store's checkpoint), it answers the same.
+    again = EventIdIndex.from_json(json.loads(json.dumps(index.to_json())))
+    assert {i for i in probes if i in again} == model and again.to_json() == index.to_json()
+
+
+def test_other_ids_and_days_survive_saving() -> None:
+    index = EventIdIndex()
+    other = str(uuid.uuid4())
+    index.add(other, DAY)
+    index.add(event_id(PREFIXES[0], 7), DAY + timedelta(days=1))
+    again = EventIdIndex.from_json(json.loads(json.dumps(index.to_json())))
+    again.forget_before(DAY + timedelta(days=1))
+    assert other not in again and event_id(PREFIXES[0], 7) in again
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=4),
+    max_leaves=20,
+)
+
+
+@given(_json | st.fixed_dictionaries({"ranges": _json, "other": _json})
+       | st.fixed_dictionaries({"ranges": st.dictionaries(st.text(max_size=5), _json),
+                                "other": st.dictionaries(st.text(max_size=12), _json)}))
+def test_a_malformed_saved_index_is_a_value_error_never_a_crash(data: object) -> None:
+    try:
+        index = EventIdIndex.from_json(data)
+    except ValueError:
+        return
+    # Whatever was accepted is a well-formed index.
+    for held in index._ranges.values():
+        bounds = [b for pair in zip(held.starts, held.ends, strict=True) for b in pair]
+        assert bounds == sorted(bounds)
+
+
+@pytest.mark.parametrize(
+    ("ranges", "why"),
+    [
+        ({"starts": [3], "ends": [2]}, "sorted, disjoint and not empty"),
+        ({"starts": [1, 2], "ends": [2, 3]}, "sorted, disjoint and not empty"),
+        ({"starts": [1], "ends": []}, "as many range starts as ends"),
+        ({"starts": [1.5], "ends": [2]}, "must be integers"),
+    ],
+)
+def test_a_saved_index_with_bad_ranges_is_refused_naming_the_prefix(
+    ranges: dict, why: str
+) -> None:
+    data = {"ranges": {PREFIXES[0]: {"last_day": DAY.isoformat(), **ranges}}, "other": {}}
+    with pytest.raises(ValueError, match=why) as caught:
+        EventIdIndex.from_json(data)
+    assert PREFIXES[0] in str(caught.value)
 
 
 def test_the_store_recognises_a_resent_batch_after_a_restart_from_ranges(tmp_path: Path) -> None:

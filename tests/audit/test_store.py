@@ -14,10 +14,12 @@ from pathlib import Path
 import pydantic
 import pytest
 
+import control.audit_store as audit_store
 from control.audit_store import (
     BUILD_SLICE,
     GENESIS,
     HEAD_FILE,
+    INDEX_FILE,
     AuditStore,
     AuditStoreError,
     encode_record,
@@ -128,6 +130,173 @@ def test_a_batch_sent_again_after_a_restart_is_recognised(tmp_path: Path) -> Non
         assert store.append(batch) == (20, 30)
         assert store.last_seq == 50
     assert len(search_log(tmp_path)) == 50
+    assert verify_log(tmp_path).ok
+
+
+# -- the duplicate index's checkpoint -----------------------------------------------------
+
+
+def full_scan_index(directory: Path, clock: Clock | None = None) -> dict:
+    """The index a store builds from the day files alone (no checkpoint to read)."""
+    saved = directory / INDEX_FILE
+    kept = saved.read_bytes() if saved.exists() else None
+    saved.unlink(missing_ok=True)
+    store = AuditStore(directory, clock=clock or Clock())
+    index = store._ids.to_json()
+    store._closed = True  # leave no checkpoint of its own behind
+    store._close_fd()
+    if kept is not None:
+        saved.write_bytes(kept)
+    return index
+
+
+def scans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(file name, offset) of each day file the stores opened from now on read."""
+    seen: list[tuple[str, int]] = []
+    real = audit_store._scan_file
+
+    def spy(path: Path, day: date, ids: object, start: object = None) -> object:
+        seen.append((path.name, start.offset if start is not None else 0))
+        return real(path, day, ids, start)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(audit_store, "_scan_file", spy)
+    return seen
+
+
+def test_a_restart_reads_the_checkpointed_index_and_only_the_records_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    batch = numbered_events(40)
+    with AuditStore(tmp_path, clock=clock) as store:
+        store.append(batch[:10])
+        clock.advance(days=1)
+        store.append(batch[10:20])
+    index_file = tmp_path / INDEX_FILE
+    assert index_file.stat().st_mode & 0o777 == 0o600
+    saved = json.loads(index_file.read_text())
+    day2 = tmp_path / "2024-05-02.jsonl"
+    assert (saved["file"], saved["offset"], saved["lines"], saved["seq"]) == (
+        day2.name, day2.stat().st_size, 10, 20)
+    # A crash after more records: they are not in the checkpoint, on two days.
+    store = AuditStore(tmp_path, clock=clock)
+    store.append(batch[20:30])
+    clock.advance(days=1)
+    store.append(batch[30:35])
+    store._closed = True  # killed: no checkpoint at close
+    seen = scans(monkeypatch)
+    with AuditStore(tmp_path, clock=clock) as store:
+        assert seen == [(day2.name, saved["offset"]), ("2024-05-03.jsonl", 0)]
+        assert store.known_ids() == 35 and store.last_seq == 35
+        assert store._ids.to_json() == full_scan_index(tmp_path, clock)
+        # Re-sent batches are recognised, from the checkpoint and from what followed it.
+        assert store.append(batch) == (5, 35)
+    assert [e.id for e in search_log(tmp_path)] == [e.id for e in batch]
+    assert verify_log(tmp_path).ok
+
+
+def test_a_checkpoint_is_written_while_writing_not_only_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_store, "CHECKPOINT_SECONDS", 0.0)
+    batch = numbered_events(6)
+    store = AuditStore(tmp_path)
+    store.append(batch[:3])
+    saved = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert saved["seq"] == 3
+    store.append(batch[3:])
+    assert json.loads((tmp_path / INDEX_FILE).read_text())["seq"] == 6
+    store._closed = True  # killed
+    seen = scans(monkeypatch)
+    with AuditStore(tmp_path) as again:
+        assert seen == [(only_file(tmp_path).name, only_file(tmp_path).stat().st_size)]
+        assert again.append(batch) == (0, 6)
+
+
+def _break_index(directory: Path, **changes: object) -> None:
+    path = directory / INDEX_FILE
+    saved = json.loads(path.read_text())
+    saved.update(changes)
+    path.write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        ("not json", "is not used (not JSON: Expecting property name"),
+        ("other format", "not an index checkpoint of format 1"),
+        ("bad ranges", "must be sorted, disjoint and not empty"),
+        ("missing field", "'hash' is missing"),
+        ("records cut", "is shorter than the"),
+        ("record replaced", "is not seq 8 with the hash it names"),
+        ("offset inside a line", "has no line ending at offset"),
+        ("day file gone", "its day file 2024-05-02.jsonl is gone"),
+    ],
+)
+def test_a_checkpoint_that_no_longer_describes_the_log_is_not_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str, why: str
+) -> None:
+    clock = Clock()
+    batch = numbered_events(12)
+    with AuditStore(tmp_path, clock=clock) as store:
+        store.append(batch[:4])
+        clock.advance(days=1)
+        store.append(batch[4:8])
+    day2 = tmp_path / "2024-05-02.jsonl"
+    saved = json.loads((tmp_path / INDEX_FILE).read_text())
+    expected = 8
+    if damage == "not json":
+        (tmp_path / INDEX_FILE).write_text("{")
+    elif damage == "other format":
+        _break_index(tmp_path, format=2)
+    elif damage == "bad ranges":
+        (held,) = saved["index"]["ranges"].values()
+        held["starts"], held["ends"] = [5, 1], [6, 2]
+        _break_index(tmp_path, index=saved["index"])
+    elif damage == "missing field":
+        del saved["hash"]
+        (tmp_path / INDEX_FILE).write_text(json.dumps(saved))
+    elif damage == "records cut":
+        write_lines(day2, lines_of(day2)[:-1])  # HEAD then says where the chain goes on
+    elif damage == "record replaced":
+        lines = lines_of(day2)
+        record = json.loads(lines[-1])
+        record["event"]["query"] = "x" * len(record["event"]["query"])  # same length
+        write_lines(day2, [*lines[:-1], rewritten(record, rehash=True)])
+    elif damage == "offset inside a line":
+        _break_index(tmp_path, offset=saved["offset"] - 5)
+    elif damage == "day file gone":
+        day2.unlink()
+        expected = 4
+    with caplog.at_level(logging.WARNING, logger="teleport.control.audit"):
+        store = AuditStore(tmp_path, clock=clock)
+    assert why in caplog.text and "rebuilding the duplicate index from the day files" in (
+        caplog.text)
+    with store:
+        assert store.known_ids() == expected - (damage == "records cut")
+        assert store._ids.to_json() == full_scan_index(tmp_path, clock)
+        accepted, duplicates = store.append(batch)
+        assert duplicates == store.known_ids() - accepted
+    # The store wrote a good checkpoint again at close.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="teleport.control.audit"):
+        AuditStore(tmp_path, clock=clock).close()
+    assert "is not used" not in caplog.text
+
+
+def test_a_torn_write_after_the_checkpoint_is_cut_and_numbered_as_in_the_file(
+    tmp_path: Path,
+) -> None:
+    with AuditStore(tmp_path) as store:
+        store.append(numbered_events(3))
+    path = only_file(tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(good + b'{"seq":4,"prev":')
+    with AuditStore(tmp_path) as store:
+        (repair,) = store.repairs
+        assert (repair.line, repair.nbytes) == (4, len(b'{"seq":4,"prev":'))
+        assert path.read_bytes() == good
+        assert store.append(numbered_events(1)) == (1, 0)
     assert verify_log(tmp_path).ok
 
 
