@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -469,3 +470,44 @@ def verify_identity(
     if identity.usage != usage:
         raise IdentityError(_wrong_usage(usage, identity.usage, identity))
     return identity
+
+
+class VerifiedIdentities:
+    """`verify_identity` for callers that see the same certificate again and again (a host's
+    audit batches and heartbeats, a user's API calls), without redoing the signature and
+    path checks each time.
+
+    A success is kept by (the certificate's bytes, the trusted CAs, the usage), with the
+    time window in which it holds: the latest notBefore and the earliest notAfter of the
+    certificate and of the trusted CAs. A hit inside that window returns the identity; the
+    other checks are functions of the bytes and the CAs alone. Outside it, or on a miss, the
+    full check runs again (and says why it fails). Failures are never kept. At most `size`
+    entries, the oldest dropped first. Thread-safe.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._held: dict[tuple[bytes, tuple[x509.Certificate, ...], str],
+                         tuple[Identity, datetime, datetime]] = {}  # fmt: skip
+
+    def verify(
+        self, der: bytes, trusted_cas: Sequence[x509.Certificate], now: datetime, usage: Usage
+    ) -> Identity:
+        key = (bytes(der), tuple(trusted_cas), usage)
+        with self._lock:
+            held = self._held.get(key)
+        if held is not None:
+            identity, start, end = held
+            if start <= now <= end:
+                return identity
+        identity = verify_identity(key[0], trusted_cas, now, usage)
+        leaf = load_certificates(key[0])[0]
+        start = max(c.not_valid_before_utc for c in (leaf, *trusted_cas))
+        end = min(c.not_valid_after_utc for c in (leaf, *trusted_cas))
+        with self._lock:
+            self._held.pop(key, None)
+            while len(self._held) >= self.size:
+                del self._held[next(iter(self._held))]
+            self._held[key] = (identity, start, end)
+        return identity

@@ -2,7 +2,9 @@
 
 Also the two checks most handlers start with: who is calling (`user_identity`,
 `host_identity`: the TLS client certificate verified with `schemas.identity.verify_identity`
-against the user CA or the host CA), and which policy is in force (`bundle`).
+against the user CA or the host CA; a certificate verified before is recognised by its bytes
+until it or the CA expires, `schemas.identity.VerifiedIdentities`), and which policy is in
+force (`bundle`).
 
 Never trusts anything about the caller that the certificate chain has not proven.
 """
@@ -23,7 +25,7 @@ from control.settings import ApiSettings, ControlSettings
 from control.tokens import TokenStore
 from control.users import PhantomLockouts, SecretsStore
 from schemas.bundle import Bundle
-from schemas.identity import Identity, IdentityError, verify_identity
+from schemas.identity import Identity, IdentityError, VerifiedIdentities
 from transport.http import ApiError, Request
 
 
@@ -49,6 +51,7 @@ class ApiState:
     user_ca_pem: str = field(init=False)
     host_ca_pem: str = field(init=False)
     db_ca_pem: str = field(init=False)
+    _verified: VerifiedIdentities = field(init=False, default_factory=VerifiedIdentities)
 
     def __post_init__(self) -> None:
         self.user_ca_pem = self.cas.user.certificate_pem().decode()
@@ -101,7 +104,7 @@ class ApiState:
             request, "your login certificate: run `tsh login` and try again"
         )
         try:
-            return verify_identity(der, [self.cas.user.certificate], self.now(), "user")
+            return self._verified.verify(der, [self.cas.user.certificate], self.now(), "user")
         except IdentityError as exc:
             raise ApiError(401, "bad_certificate", str(exc)) from None
 
@@ -112,7 +115,8 @@ class ApiState:
             request, "a host certificate: only joined proxies and db agents may call it"
         )
         try:
-            identity = verify_identity(der, [self.cas.host.certificate], self.now(), "host")
+            identity = self._verified.verify(der, [self.cas.host.certificate], self.now(),
+                                             "host")
         except IdentityError as exc:
             raise ApiError(401, "bad_certificate", str(exc)) from None
         if role is not None and identity.host_role != role:

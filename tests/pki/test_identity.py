@@ -14,6 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import schemas.identity
 from control.ca import CertificateAuthority, ClusterCAs
 from schemas.identity import (
     IDENTITY_OID,
@@ -21,6 +22,7 @@ from schemas.identity import (
     Identity,
     IdentityError,
     Route,
+    VerifiedIdentities,
     decode_identity,
     encode_identity,
     identity_extension,
@@ -383,3 +385,78 @@ def test_oversized_extension_is_refused() -> None:
     body = b'{"v":1,"x":"' + b"a" * 20000 + b'"}'
     with pytest.raises(IdentityError, match="more than"):
         decode_identity(b"\x0c\x82" + len(body).to_bytes(2, "big") + body)
+
+
+# -- VerifiedIdentities: a certificate seen again is not verified again ---------------------
+
+
+def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the full checks `VerifiedIdentities` runs from now on."""
+    calls = [0]
+    real = schemas.identity.verify_identity
+
+    def counted(*args: object) -> Identity:
+        calls[0] += 1
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(schemas.identity, "verify_identity", counted)
+    return calls
+
+
+def host_cert(cas: ClusterCAs, ttl: timedelta = HOUR) -> bytes:
+    return der(cas.host.issue_host(new_private_key().public_key(), "agent-7", "db", ttl=ttl))
+
+
+def test_a_certificate_seen_again_is_recognised_without_the_full_check(
+    cas: ClusterCAs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = counting(monkeypatch)
+    cache = VerifiedIdentities()
+    cert = host_cert(cas)
+    first = cache.verify(cert, [cas.host.certificate], now(), "host")
+    again = cache.verify(cert, [cas.host.certificate], now() + HOUR / 2, "host")
+    assert again == first and first.host_id == "agent-7" and calls == [1]
+    # Another usage, or other trusted CAs, is another question: checked in full.
+    with pytest.raises(IdentityError, match="not signed by the cluster's user CA"):
+        cache.verify(cert, [cas.user.certificate, cas.host.certificate], now(), "user")
+    assert calls == [2]
+
+
+def test_a_recognised_certificate_still_expires(cas: ClusterCAs) -> None:
+    cache = VerifiedIdentities()
+    cert = host_cert(cas)
+    cache.verify(cert, [cas.host.certificate], now(), "host")
+    with pytest.raises(IdentityError, match=r"certificate expired at .*rejoin or renew"):
+        cache.verify(cert, [cas.host.certificate], now() + 2 * HOUR, "host")
+    with pytest.raises(IdentityError, match=r"not valid before .*clock"):
+        cache.verify(cert, [cas.host.certificate], now() - 2 * HOUR, "host")
+
+
+def test_a_refused_certificate_is_refused_every_time(
+    cas: ClusterCAs, other_cas: ClusterCAs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = counting(monkeypatch)
+    cache = VerifiedIdentities()
+    stranger = host_cert(other_cas)
+    for _ in range(2):
+        with pytest.raises(IdentityError, match="not signed by its key"):
+            cache.verify(stranger, [cas.host.certificate], now(), "host")
+    assert calls == [2]
+    # A forged copy of a recognised certificate is other bytes: checked, refused.
+    good = bytearray(host_cert(cas))
+    cache.verify(bytes(good), [cas.host.certificate], now(), "host")
+    good[-1] ^= 0x01
+    with pytest.raises(IdentityError, match="signature check failed"):
+        cache.verify(bytes(good), [cas.host.certificate], now(), "host")
+
+
+def test_the_cache_holds_at_most_its_size(cas: ClusterCAs, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting(monkeypatch)
+    cache = VerifiedIdentities(size=2)
+    certs = [host_cert(cas) for _ in range(3)]
+    for cert in certs:
+        cache.verify(cert, [cas.host.certificate], now(), "host")
+    assert len(cache._held) == 2 and calls == [3]
+    cache.verify(certs[0], [cas.host.certificate], now(), "host")  # the oldest was dropped
+    cache.verify(certs[2], [cas.host.certificate], now(), "host")  # still held
+    assert calls == [4]
