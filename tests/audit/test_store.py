@@ -163,19 +163,25 @@ def scans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return seen
 
 
+def two_days(directory: Path, clock: Clock, batch: list, first: int, second: int) -> Path:
+    """`batch[:first]` stored on 2024-05-01, `batch[first:second]` the next day (the store
+    then closed, so checkpointed); the second day's file."""
+    with AuditStore(directory, clock=clock) as store:
+        store.append(batch[:first])
+        clock.advance(days=1)
+        store.append(batch[first:second])
+    return directory / "2024-05-02.jsonl"
+
+
 def test_a_restart_reads_the_checkpointed_index_and_only_the_records_after_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = Clock()
     batch = numbered_events(40)
-    with AuditStore(tmp_path, clock=clock) as store:
-        store.append(batch[:10])
-        clock.advance(days=1)
-        store.append(batch[10:20])
+    day2 = two_days(tmp_path, clock, batch, 10, 20)
     index_file = tmp_path / INDEX_FILE
     assert index_file.stat().st_mode & 0o777 == 0o600
     saved = json.loads(index_file.read_text())
-    day2 = tmp_path / "2024-05-02.jsonl"
     assert (saved["file"], saved["offset"], saved["lines"], saved["seq"]) == (
         day2.name, day2.stat().st_size, 10, 20)
     # A crash after more records: they are not in the checkpoint, on two days.
@@ -238,11 +244,7 @@ def test_a_checkpoint_that_no_longer_describes_the_log_is_not_used(
 ) -> None:
     clock = Clock()
     batch = numbered_events(12)
-    with AuditStore(tmp_path, clock=clock) as store:
-        store.append(batch[:4])
-        clock.advance(days=1)
-        store.append(batch[4:8])
-    day2 = tmp_path / "2024-05-02.jsonl"
+    day2 = two_days(tmp_path, clock, batch, 4, 8)
     saved = json.loads((tmp_path / INDEX_FILE).read_text())
     expected = 8
     if damage == "not json":
