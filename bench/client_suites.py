@@ -26,6 +26,13 @@ Printed per suite: passed / failed / errors / skipped per path, then every test 
 outcome through a path differs from direct, with the failure's first line. Tests that fail
 directly too (they want a standby server, or the server's own files) show up in the counts
 only.
+
+The one difference seen (2026-11-22: asyncpg 0.32.0, pg8000 1.31.6, psycopg2 2.9.13):
+asyncpg's `test_executemany_server_failure_during_writes` ("should stop early") failed in
+3 of 8 runs through the all-in-one and 6 of 8 through the distributed path (never
+directly, once in 8 through pgbouncer). The client gets the same error
+and nothing is stored, but it sends the whole batch before it notices.
+docs/architecture.md ("What a client can tell apart") explains why.
 """
 
 from __future__ import annotations
