@@ -2,8 +2,10 @@
 
 `Relay(client, server)` takes two connected asyncio transports (plain TCP or TLS, on uvloop
 or asyncio) and installs its own protocol on each with `transport.set_protocol`: every
-chunk received from one side is written to the other with exactly one `write`, then, beside
-the copy, optionally fed to a `MessageScanner` whose messages go to an observer (audit).
+chunk received from one side is written to the other with exactly one `write` and,
+beside the copy, optionally fed to a `MessageScanner` whose messages go to an observer
+(audit): the client's after the write, the server's before it (the audit records an answer
+before the client gets it).
 Backpressure is end to end: when a destination's transport calls `pause_writing`, the
 source transport stops reading until `resume_writing`; nothing here buffers without bound.
 
@@ -204,10 +206,11 @@ class _End(asyncio.Protocol):
 class Relay:
     """A byte relay between a client-side and a server-side transport.
 
-    `client_scanner` / `server_scanner` (optional) see the bytes each side sends, after they
-    were forwarded; their messages go to `on_client_messages` / `on_server_messages`. A
-    `server_scanner` is needed for `terminate` to find message boundaries. `on_closed(reason)`
-    runs once, when both sides are closed.
+    `client_scanner` / `server_scanner` (optional) see the bytes each side sends (the
+    client's after they were forwarded, the server's before); their messages go to
+    `on_client_messages` / `on_server_messages`. A `server_scanner` is needed for
+    `terminate` to find message boundaries. `on_closed(reason)` runs once, when both sides
+    are closed.
     """
 
     def __init__(
@@ -306,10 +309,11 @@ class Relay:
         if self._fatal is not None:
             self._server_data_while_terminating(data)
             return
-        self.client.write(data)
-        self.bytes_from_server += len(data)
         scanner = self.server_scanner
         if scanner is not None:
+            # Seen before it is forwarded: the audit has the answer (in its journal) before
+            # the client can act on it, so a process killed in between loses nothing the
+            # client saw.
             try:
                 messages = scanner.feed(data)
             except ProtocolError as exc:
@@ -317,6 +321,10 @@ class Relay:
                 return
             if messages and self._on_server_messages is not None:
                 self._on_server_messages(messages)
+                if self._closing:
+                    return  # the observer closed the session
+        self.client.write(data)
+        self.bytes_from_server += len(data)
 
     def _hand_over(self) -> bool:
         """The client's Terminate, alone in its chunk: if `keep_server()` takes the server

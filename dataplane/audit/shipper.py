@@ -30,14 +30,19 @@ segment is deleted once all of it was acknowledged. Delivery is at least once: a
 whose acknowledgement was lost is sent again, and the control plane drops the duplicates
 by event id.
 
+Killed outright: every event is also written to a journal as it is emitted (one write, no
+fsync: `dataplane.audit.journal`), before the relay passes on the answer it records; what a
+killed agent held in memory is moved from there to the spool at its next start.
+
 Bounds: the spool holds at most `spool_max_bytes`. When it is full while the control plane
 is unreachable, events wait in memory and `can_accept_sessions()` is False (the agent
 refuses new sessions: no unaudited access) until delivery frees a tenth of the spool; while
 a full spool drains to a control plane that is back, newer events simply wait in memory.
 Memory holds at most `max_memory_events` before new sessions are refused too, and twice
-that before events are dropped (counted in `stats.lost`, logged as errors). What the spool
-protects against is an unreachable control plane; events still in memory when the agent is
-killed (about `interval` seconds' worth, or what the spool could not take) die with it.
+that before events are dropped (counted in `stats.lost`, logged as errors; those were never
+journaled). What the spool protects against is an unreachable control plane, the journal a
+killed process; a crash of the machine itself can lose what the journal held only in the
+page cache (about `interval` seconds' worth).
 
 Size: an event whose JSON is over `max_event_bytes` (a Bind of many large parameters, a
 query string of thousands of statements, a huge error message) is cut to fit by
@@ -63,6 +68,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dataplane.audit.journal import Journal
 from dataplane.audit.spool import SEGMENT_BYTES, Segment, Spool
 from schemas.api import AuditAck
 from schemas.audit import (
@@ -122,9 +128,9 @@ class _Batch:
     # Each event's JSON: as serialized for those taken from memory, a spool line (with its
     # newline) for those read back from the spool. Sent as they are.
     items: list[bytes]
-    # The events as emitted, for those taken from memory (given back to it if they cannot
-    # be placed); None for lines read back from the spool.
-    events: list[Queued] | None
+    # The events taken from memory (given back to it if they cannot be placed); None for
+    # lines read back from the spool.
+    events: list[EncodedEvent] | None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -182,7 +188,12 @@ class AuditShipper:
         self.max_event_bytes = max_event_bytes
         self.stats = ShipperStats()
         self._spool = Spool(self.spool_dir, spool_max_bytes, segment_bytes)
-        self._queue: deque[Queued] = deque()
+        self._queue: deque[EncodedEvent] = deque()
+        self._queued = 0  # events ever put in memory: with `pending`, how many are done
+        self._journal: Journal | None = None
+        self._journal_base = 0  # `_queued` when the journal was opened
+        self._keep_journal = False  # events were lost from memory: the journal has them
+        self._lock = threading.Lock()  # memory and journal, in the same order
         self._first_at = 0.0  # when the oldest event in memory was queued (monotonic)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -204,14 +215,24 @@ class AuditShipper:
     # -- the data path's side ---------------------------------------------------------------
 
     def emit(self, event: Queued) -> None:
-        """Queue `event` for delivery and return at once; never raises."""
+        """Queue `event` for delivery (and write it to the journal) and return at once;
+        never raises."""
         try:
             queue = self._queue
             if self._closed or len(queue) >= 2 * self.max_memory_events:
                 self._lose(1, "the shipper is closed" if self._closed else
                            f"{len(queue)} events already wait in memory")
                 return
-            queue.append(event)
+            if type(event) is not EncodedEvent or len(event.json) >= self.max_event_bytes:
+                encoded = self._encoded(event)
+                if encoded is None:
+                    return
+                event = encoded
+            with self._lock:
+                queue.append(event)
+                self._queued += 1
+                if self._journal is not None:
+                    self._journal.append(event.json)
             self.stats.emitted += 1
             n = len(queue)
             if n == 1:
@@ -228,6 +249,29 @@ class AuditShipper:
                 )
         except Exception:
             log.exception("audit: an event could not be queued")
+
+    def _encoded(self, event: Queued) -> EncodedEvent | None:
+        """`event` serialized once, as it will be sent: a model through `encode_event` (text
+        that is not valid Unicode replaced), cut by `fit_event` when its JSON is over
+        `max_event_bytes`. None (counted as lost) for what is not an event at all."""
+        if type(event) is EncodedEvent:
+            model: AuditEvent = event.model()
+            item = event.json
+        else:
+            model = event  # type: ignore[assignment]
+            try:
+                item = encode_event(model)
+            except Exception as exc:
+                try:
+                    model, item = _cleaned(model, exc)
+                except Exception as error:  # not an event at all: a defect in the emitter
+                    self._lose(1, f"an emitted object could not be encoded ({error!r})")
+                    return None
+        if len(item) >= self.max_event_bytes:
+            model, item = fit_event(model, item, self.max_event_bytes)
+            log.warning("audit: event %s (%s) was cut to fit %d bytes: %s", model.id,
+                        model.type, self.max_event_bytes, model.shortened)
+        return EncodedEvent(model.id, model.type, item)
 
     def can_accept_sessions(self) -> bool:
         """False while events could not be kept (spool full, memory at its bound): the
@@ -287,11 +331,28 @@ class AuditShipper:
                 f"cannot use the audit spool directory {self.spool_dir}: "
                 f"{exc.strerror or exc}; the agent needs it writable to never lose events"
             ) from None
+        journal = Journal(self.spool_dir / "journal")
+        try:
+            recovered = await asyncio.to_thread(journal.take_leftovers, self._spool_lines)
+        except OSError as exc:
+            raise AuditSpoolError(
+                f"cannot move the audit journal {journal.directory} of an earlier run to the "
+                f"spool: {exc.strerror or exc}; the agent needs it to never lose events"
+            ) from None
+        if recovered:
+            log.warning(
+                "audit: %d event(s) in the journal of a run that did not stop cleanly; moved "
+                "to the spool (the control plane drops those it already has)", recovered,
+            )
+        backlog = self._spool.bytes
         if backlog:
             log.info(
                 "audit: %d byte(s) of events in %s from an earlier run; sending them first",
                 backlog, self.spool_dir,
             )
+        with self._lock:
+            self._journal = journal
+            self._journal_base = self._queued
         if not self._spool.fits(0):
             self._set_spool_full()
         self._loop = asyncio.get_running_loop()
@@ -301,6 +362,15 @@ class AuditShipper:
         if self._queue:
             self._wake.set()
         self._task = asyncio.create_task(self._run(), name="audit shipper")
+
+    def _spool_lines(self, lines: list[bytes]) -> None:
+        """Append `lines` to the spool in segments of about its segment size."""
+        start = size = 0
+        for end, line in enumerate(lines, start=1):
+            size += len(line)
+            if size >= self._spool.segment_bytes or end == len(lines):
+                self._spool.append(lines[start:end])
+                start, size = end, 0
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Deliver or spool every event now in memory; True when none is left there."""
@@ -342,8 +412,17 @@ class AuditShipper:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(self._spool.close)
+        with self._lock:
+            if self._queue or self._in_flight:
+                # Still in the journal: the next start sends them.
+                self._keep_journal = True
+            elif self._journal is not None:
+                self._journal.release(self._queued - self._journal_base)
+            if self._journal is not None:
+                self._journal.close()
         if self._queue:
-            self._lose(len(self._queue), "the shipper closed with events still in memory")
+            self._lose(len(self._queue), "the shipper closed with events still in memory; "
+                       f"they stay in {self.spool_dir / 'journal'} for the next start")
             self._queue.clear()
             ok = False
         return ok
@@ -364,11 +443,21 @@ class AuditShipper:
                 log.exception("audit: the shipper failed; retrying")
                 await asyncio.sleep(self.retry_min)
             finally:
+                self._release_journal()
                 if self._memory_full and len(self._queue) < self.max_memory_events * 0.9:
                     self._memory_full = False
                     log.warning("audit: events in memory are back under their bound; new "
                                 "sessions are accepted")
                 self._stepped.set()
+
+    def _release_journal(self) -> None:
+        """Let the journal delete what is delivered or spooled (memory is first in, first
+        out: all but the `pending` last events queued are)."""
+        with self._lock:
+            journal = self._journal
+            if journal is None or self._keep_journal:
+                return
+            journal.release(self._queued - self.pending - self._journal_base)
 
     async def _step(self) -> bool:
         """One unit of work (or one wait); False when the shipper is done."""
@@ -413,35 +502,18 @@ class AuditShipper:
                 await self._wake.wait()
 
     def _take_batch(self) -> _Batch:
-        """Up to `batch_events` events and `batch_bytes` bytes from memory (at least one),
-        each serialized here, once."""
-        events: list[Queued] = []
+        """Up to `batch_events` events and `batch_bytes` bytes from memory (at least one)."""
+        events: list[EncodedEvent] = []
         items: list[bytes] = []
         size = 0  # as spool lines: with a newline each
         queue = self._queue
         limit = self.batch_events
-        max_line = self.max_event_bytes - 1  # the JSON of an event, without its newline
         while queue and len(items) < limit:
-            event = queue.popleft()
-            if type(event) is EncodedEvent:
-                item = event.json
-            else:
-                try:
-                    item = encode_event(event)  # type: ignore[arg-type]
-                except Exception as exc:
-                    try:
-                        event, item = _cleaned(event, exc)  # type: ignore[arg-type]
-                    except Exception as error:  # not an event at all: a defect in the emitter
-                        self._lose(1, f"an emitted object could not be encoded ({error!r})")
-                        continue
-            if len(item) > max_line:
-                model = event.model() if isinstance(event, EncodedEvent) else event
-                event, item = fit_event(model, item, self.max_event_bytes)
-                log.warning("audit: event %s (%s) was cut to fit %d bytes: %s", event.id,
-                            event.type, self.max_event_bytes, event.shortened)
+            event = queue[0]
+            item = event.json
             if items and size + len(item) >= self.batch_bytes:
-                queue.appendleft(event)
                 break
+            queue.popleft()
             events.append(event)
             items.append(item)
             size += len(item) + 1

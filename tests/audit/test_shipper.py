@@ -93,7 +93,7 @@ def test_events_go_in_batches_in_the_order_they_were_emitted(
     assert stored_ids(tmp_path / "audit") == [e.id for e in events]
     assert endpoint.requests == 3  # 500 + 500 + 200
     assert (shipper.stats.delivered, shipper.stats.spooled, shipper.stats.lost) == (1200, 0, 0)
-    assert list((tmp_path / "spool").iterdir()) == []
+    assert [p for p in (tmp_path / "spool").rglob("*") if not p.is_dir()] == []  # nor journal
 
 
 def test_a_lone_event_waits_at_most_the_interval(tmp_path: Path) -> None:
@@ -308,6 +308,98 @@ def test_a_spool_left_by_a_killed_agent_is_sent_first_at_start(
     assert "from an earlier run; sending them first" in caplog.text
     assert "unfinished line" in caplog.text
     assert list(spool.glob("*.jsonl")) == []
+
+
+KILLED_WHILE_SENDING = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from dataplane.audit import AuditShipper, SendJson
+    from tests.audit.conftest import numbered_events
+
+    async def never_answers(body):
+        await asyncio.Event().wait()
+
+    async def main():
+        shipper = AuditShipper(SendJson(never_answers), Path(sys.argv[1]), interval=0.01,
+                               batch_events=100)
+        await shipper.start()
+        events = numbered_events(250)
+        for event in events:
+            shipper.emit(event)
+        await asyncio.sleep(0.2)  # the first batch is on its way, the rest waits in memory
+        print(" ".join(e.id for e in events), flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+""")
+
+
+def test_events_a_killed_agent_held_in_memory_come_back_from_its_journal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL while a batch is on its way and more events wait in memory (neither sent
+    nor spooled): the next start moves the journal to the spool and delivers them all."""
+    spool = tmp_path / "spool"
+    agent = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_SENDING, str(spool)],
+                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        assert agent.stdout is not None
+        old_ids = agent.stdout.readline().split()
+    finally:
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait(timeout=10)
+    assert len(old_ids) == 250
+    assert list(spool.glob("*.jsonl")) == []  # nothing was spooled: all in memory
+    journal = sorted((spool / "journal").glob("*.jsonl"))
+    assert journal
+    with journal[-1].open("ab") as f:  # as if killed in the middle of a write
+        f.write(b'{"cluster":"example","session_id":"sess-1","us')
+    endpoint = AuditEndpoint(tmp_path / "audit")
+
+    async def main() -> None:
+        await endpoint.start()
+        send = HttpSend(endpoint.url)
+        shipper = AuditShipper(send.sender(), spool, **FAST)
+        await shipper.start()
+        await delivered(endpoint, 250)
+        assert await shipper.close()
+        await send.aclose()
+        await endpoint.stop()
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert stored_ids(tmp_path / "audit") == old_ids
+    assert "250 event(s) in the journal of a run that did not stop cleanly" in caplog.text
+    assert "unfinished line" in caplog.text
+    assert [p for p in spool.rglob("*") if not p.is_dir()] == []
+
+
+def test_a_journal_that_cannot_be_written_is_turned_off_and_events_still_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint = AuditEndpoint(tmp_path / "audit")
+    events = numbered_events(50)
+
+    async def main() -> AuditShipper:
+        await endpoint.start()
+        send = HttpSend(endpoint.url)
+        shipper = AuditShipper(send.sender(), tmp_path / "spool", **FAST)
+        await shipper.start()
+        (tmp_path / "spool" / "journal").rmdir()  # its first segment cannot be created
+        for event in events:
+            shipper.emit(event)
+        await delivered(endpoint, 50)
+        assert await shipper.close()
+        await send.aclose()
+        await endpoint.stop()
+        return shipper
+
+    with caplog.at_level(logging.ERROR):
+        shipper = asyncio.run(main())
+    assert stored_ids(tmp_path / "audit") == [e.id for e in events]
+    assert shipper.stats.lost == 0
+    assert "the journal is off: cannot write to" in caplog.text
+    assert "a kill of this process can now lose the ones it holds" in caplog.text
 
 
 def test_a_spooled_line_that_is_not_an_event(

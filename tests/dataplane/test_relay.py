@@ -123,6 +123,32 @@ def test_scanners_see_the_messages_beside_the_copy() -> None:
     run(main)
 
 
+def test_the_servers_messages_are_observed_before_the_client_can_read_them() -> None:
+    """The audit records an answer (its journal written) before the client has it: a
+    process killed in between loses no event of an answer the client saw."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        readable_then: list[bool] = []
+        async with relay(
+            server_scanner=MessageScanner(b"CZ", side="server"),
+        ) as (r, client, server):
+
+            def observe(messages: list[ScannedMessage]) -> None:
+                try:
+                    readable_then.append(bool(client.recv(1, socket.MSG_PEEK)))
+                except BlockingIOError:
+                    readable_then.append(False)
+
+            r._on_server_messages = observe
+            answer = encode(m.CommandComplete("SELECT 1")) + encode(m.ReadyForQuery("I"))
+            await loop.sock_sendall(server, answer)
+            assert await recv_exactly(client, len(answer)) == answer
+            assert readable_then == [False]
+
+    run(main)
+
+
 def test_a_stream_the_scanner_cannot_follow_ends_the_session() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()

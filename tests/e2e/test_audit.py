@@ -4,6 +4,7 @@ log's hash chain verifies, and an edited line is found and named."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.e2e.cluster import E2ECluster, Person, wait_for
+from tests.e2e.cluster import ClusterError, E2ECluster, Person, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -189,3 +190,57 @@ def test_tctl_audit_verify_names_an_edited_line(cluster: E2ECluster, alice: Pers
 
     restored = cluster.tctl("audit", "verify", check=False)
     assert restored.returncode == 0, restored.stdout + restored.stderr
+
+
+def test_a_killed_agent_loses_no_event_of_a_query_its_clients_saw_answered(
+    cluster: E2ECluster, alice: Person
+) -> None:
+    """SIGKILL of the db agent while 4 clients run queries as fast as they can: once the
+    agent is started again, every query a client got its answer to is in the log, once.
+    (The agent sends events every 0.2 s; what was in its memory at the kill comes back
+    from its journal, written before each answer goes to the client.)"""
+    assert cluster.agent is not None
+    tag = "e2e-agent-kill-" + secrets.token_hex(4)
+    answered: list[str] = []
+    lock = threading.Lock()
+
+    def run(client: int) -> None:
+        with contextlib.suppress(psycopg.Error), conns[client].cursor() as cur:
+            for n in range(1_000_000):
+                text = f"select '{tag}-c{client}-q{n}' as audited"
+                cur.execute(text)  # type: ignore[arg-type]
+                assert cur.fetchone() is not None
+                with lock:
+                    answered.append(text)
+
+    with alice.libpq_env():
+        conns = [psycopg.connect(alice.dsn(), autocommit=True) for _ in range(4)]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for("2,000 answered queries", lambda: len(answered) >= 2000, timeout=60)
+        assert cluster.agent.kill() is not None
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads)
+    finally:
+        for conn in conns:
+            conn.close()
+    expected = set(answered)
+    assert len(expected) == len(answered) >= 2000
+
+    cluster.agent.start()
+    cluster.wait_serving(alice)
+    def missing() -> set[str]:
+        return expected - {e["query"] for e in query_events(cluster, tag)}
+
+    with contextlib.suppress(ClusterError):
+        wait_for("the answered queries in tctl audit search", lambda: not missing(), 60, 1.0)
+    left = missing()
+    assert not left, (
+        f"{len(left)} of the {len(expected)} answered queries are not in the log, "
+        f"e.g. {sorted(left)[:3]}"
+    )
+    texts = Counter(e["query"] for e in query_events(cluster, tag))
+    assert [t for t, n in texts.items() if n > 1] == []
