@@ -35,6 +35,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from dataplane.audit.spool import complete_lines
+
 log = logging.getLogger("teleport.audit.journal")
 
 JOURNAL_SEGMENT_BYTES = 4 * 1024 * 1024
@@ -70,14 +72,7 @@ class Journal:
         lines: list[bytes] = []
         for number in numbers:
             path = self._path(number)
-            data = path.read_bytes()
-            complete, _, tail = data.rpartition(b"\n")
-            if tail:
-                log.warning(
-                    "%s: %d byte(s) at the end are an unfinished line (the process stopped "
-                    "while writing it); skipped", path, len(tail),
-                )
-            lines.extend(line + b"\n" for line in complete.split(b"\n") if line)
+            lines.extend(complete_lines(path, path.read_bytes()))
         if lines:
             store(lines)
         for number in numbers:

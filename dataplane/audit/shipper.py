@@ -49,7 +49,8 @@ query string of thousands of statements, a huge error message) is cut to fit by
 `schemas.audit.fit_event`, its `shortened` field saying what was left out, rather than sent
 to be refused by the control plane's body limit.
 
-`emit` never blocks and never raises. Call it on the event loop's thread, or from another
+`emit` never raises and never waits for the network: its one system call is the journal's
+write (to the page cache). Call it on the event loop's thread, or from another
 thread (it then wakes the sender thread-safely). Never logs event contents.
 """
 

@@ -44,6 +44,18 @@ class Segment:
         return len(self.lines) - self.position
 
 
+def complete_lines(path: Path, data: bytes) -> list[bytes]:
+    """The lines of `data`, read from `path`, each with its newline; a last line without one
+    (the process stopped while writing it) is left out, with a warning."""
+    complete, _, tail = data.rpartition(b"\n")
+    if tail:
+        log.warning(
+            "%s: %d byte(s) at the end are an unfinished line (the process stopped while "
+            "writing it); skipped", path, len(tail),
+        )
+    return [line + b"\n" for line in complete.split(b"\n") if line]
+
+
 class Spool:
     def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = SEGMENT_BYTES):
         self.directory = Path(directory)
@@ -160,14 +172,7 @@ class Spool:
             except FileNotFoundError:
                 del self._sizes[number]
                 continue
-            lines = data.split(b"\n")
-            tail = lines.pop()
-            if tail:
-                log.warning(
-                    "%s: %d byte(s) at the end are an unfinished line (the agent stopped while "
-                    "writing it); skipped", path, len(tail),
-                )
-            return Segment(path, len(data), [line + b"\n" for line in lines if line])
+            return Segment(path, len(data), complete_lines(path, data))
         return None
 
     def done(self, segment: Segment) -> None:
