@@ -14,8 +14,9 @@ first one appended, are delivered or spooled (`release(done)`), and every segmen
 events all are is deleted (the segment being written is too, once nothing is pending).
 
 At start, `take_leftovers(store)` hands the complete lines that an earlier run left behind
-to `store` (the shipper writes them to its spool, from where they are sent first; the
-control plane drops by event id those it already has), then deletes those files.
+to `store`, segment by segment, deleting each once stored (the shipper writes them to its
+spool, from where they are sent first; the control plane drops by event id those it
+already has).
 
 Files: `<spool>/journal/<20 digits>.jsonl`, mode 0600, a new segment every `segment_bytes`.
 A write that fails (disk full) turns the journal off with an error in the log: events are
@@ -30,17 +31,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from dataplane.audit.spool import complete_lines
+from dataplane.audit.spool import complete_lines, segment_numbers, segment_path
 
 log = logging.getLogger("teleport.audit.journal")
 
 JOURNAL_SEGMENT_BYTES = 4 * 1024 * 1024
-_SEGMENT = re.compile(r"^(\d{20})\.jsonl$")
 
 
 class Journal:
@@ -53,35 +52,29 @@ class Journal:
         self._fd: int | None = None
         self._number = 0  # of the open segment
         self._size = 0  # of the open segment
-        self._last = 0  # `appended` at the last event of the open segment
         self._sealed: deque[tuple[int, int]] = deque()  # (number, `appended` at its end)
 
     # -- start ----------------------------------------------------------------------------
 
     def take_leftovers(self, store: Callable[[list[bytes]], None]) -> int:
-        """Give the complete lines of the segments an earlier run left (oldest first, each
-        ending in a newline) to `store`, then delete them; returns how many lines. If
-        `store` raises, the files stay (and the exception goes on)."""
+        """Give the complete lines of each segment an earlier run left (oldest first, each
+        line ending in a newline) to `store`, deleting the segment once it took them;
+        returns how many lines. If `store` raises, that segment and the later ones stay
+        (and the exception goes on)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        numbers = sorted(
-            int(m.group(1)) for name in os.listdir(self.directory)
-            if (m := _SEGMENT.match(name)) is not None
-        )  # fmt: skip
+        numbers = segment_numbers(self.directory)
         if numbers:
             self._next = numbers[-1] + 1
-        lines: list[bytes] = []
+        taken = 0
         for number in numbers:
-            path = self._path(number)
-            lines.extend(complete_lines(path, path.read_bytes()))
-        if lines:
-            store(lines)
-        for number in numbers:
+            path = segment_path(self.directory, number)
+            lines = complete_lines(path, path.read_bytes())
+            if lines:
+                store(lines)
+                taken += len(lines)
             with contextlib.suppress(FileNotFoundError):
-                self._path(number).unlink()
-        return len(lines)
-
-    def _path(self, number: int) -> Path:
-        return self.directory / f"{number:020d}.jsonl"
+                path.unlink()
+        return taken
 
     # -- the data path ----------------------------------------------------------------------
 
@@ -99,7 +92,6 @@ class Journal:
         except OSError as exc:
             self._turn_off(f"cannot write to {self.directory}: {exc.strerror or exc}")
             return
-        self._last = self.appended
         self._size += len(line)
         if self._size >= self.segment_bytes:
             self._seal()
@@ -108,7 +100,8 @@ class Journal:
         self._number = self._next
         self._next += 1
         self._fd = os.open(
-            self._path(self._number), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600
+            segment_path(self.directory, self._number),
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600,
         )
         self._size = 0
         return self._fd
@@ -117,7 +110,7 @@ class Journal:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
-            self._sealed.append((self._number, self._last))
+            self._sealed.append((self._number, self.appended))
             self._fd = None
 
     def _turn_off(self, why: str) -> None:
@@ -136,18 +129,18 @@ class Journal:
     def release(self, done: int) -> None:
         """The first `done` events appended are delivered or spooled: delete the segments
         that hold only such events (the open one too when all its events are done)."""
-        if self._fd is not None and self._last <= done:
+        if self._fd is not None and self.appended <= done:
             self._seal()
         sealed = self._sealed
         while sealed and sealed[0][1] <= done:
             number, _ = sealed.popleft()
             try:
-                self._path(number).unlink()
+                segment_path(self.directory, number).unlink()
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 log.warning("audit: cannot delete the journal segment %s: %s",
-                            self._path(number), exc.strerror or exc)
+                            segment_path(self.directory, number), exc.strerror or exc)
 
     def close(self) -> None:
         """Stop writing; segments still holding events not done stay for the next start."""

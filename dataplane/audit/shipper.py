@@ -334,7 +334,7 @@ class AuditShipper:
             ) from None
         journal = Journal(self.spool_dir / "journal")
         try:
-            recovered = await asyncio.to_thread(journal.take_leftovers, self._spool_lines)
+            recovered = await asyncio.to_thread(journal.take_leftovers, self._spool.append)
         except OSError as exc:
             raise AuditSpoolError(
                 f"cannot move the audit journal {journal.directory} of an earlier run to the "
@@ -363,15 +363,6 @@ class AuditShipper:
         if self._queue:
             self._wake.set()
         self._task = asyncio.create_task(self._run(), name="audit shipper")
-
-    def _spool_lines(self, lines: list[bytes]) -> None:
-        """Append `lines` to the spool in segments of about its segment size."""
-        start = size = 0
-        for end, line in enumerate(lines, start=1):
-            size += len(line)
-            if size >= self._spool.segment_bytes or end == len(lines):
-                self._spool.append(lines[start:end])
-                start, size = end, 0
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Deliver or spool every event now in memory; True when none is left there."""

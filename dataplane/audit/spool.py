@@ -44,6 +44,19 @@ class Segment:
         return len(self.lines) - self.position
 
 
+def segment_path(directory: Path, number: int) -> Path:
+    """The file of segment `number` in `directory` (the spool's, or the journal's)."""
+    return directory / f"{number:020d}.jsonl"
+
+
+def segment_numbers(directory: Path) -> list[int]:
+    """The numbers of the segment files in `directory`, in order."""
+    return sorted(
+        int(m.group(1)) for name in os.listdir(directory)
+        if (m := _SEGMENT.match(name)) is not None
+    )  # fmt: skip
+
+
 def complete_lines(path: Path, data: bytes) -> list[bytes]:
     """The lines of `data`, read from `path`, each with its newline; a last line without one
     (the process stopped while writing it) is left out, with a warning."""
@@ -82,25 +95,22 @@ class Spool:
     def open(self) -> int:
         """Find the segments an earlier run left; returns how many bytes they hold."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for name in os.listdir(self.directory):
-            m = _SEGMENT.match(name)
-            if m is None:
-                continue
-            number = int(m.group(1))
+        for number in segment_numbers(self.directory):
+            path = self._path(number)
             try:
-                size = (self.directory / name).stat().st_size
+                size = path.stat().st_size
             except FileNotFoundError:
                 continue
             if size == 0:
                 with contextlib.suppress(FileNotFoundError):
-                    (self.directory / name).unlink()
+                    path.unlink()
                 continue
             self._sizes[number] = size
             self._next = max(self._next, number + 1)
         return self.bytes
 
     def _path(self, number: int) -> Path:
-        return self.directory / f"{number:020d}.jsonl"
+        return segment_path(self.directory, number)
 
     # -- writing -------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,33 @@ async def ship_all(
     return shipper
 
 
+async def deliver_through(
+    endpoint: AuditEndpoint,
+    spool: Path,
+    count: int,
+    *,
+    before_start: Sequence[AuditEvent] = (),
+    after_start: Callable[[AuditShipper], None] | None = None,
+    **options: Any,
+) -> AuditShipper:
+    """Start `endpoint` and a shipper on `spool` (FAST, unless `options` say otherwise):
+    emit `before_start`, start the shipper, call `after_start(shipper)`; once the store
+    holds `count` records, close the shipper (nothing left in memory) and the endpoint."""
+    await endpoint.start()
+    send = HttpSend(endpoint.url)
+    shipper = AuditShipper(send.sender(), spool, **{**FAST, **options})
+    for event in before_start:
+        shipper.emit(event)
+    await shipper.start()
+    if after_start is not None:
+        after_start(shipper)
+    await delivered(endpoint, count)
+    assert await shipper.close()
+    await send.aclose()
+    await endpoint.stop()
+    return shipper
+
+
 def stored_ids(directory: Path) -> list[str]:
     return [e.id for e in search_log(directory)]
 
@@ -76,20 +104,14 @@ def test_events_go_in_batches_in_the_order_they_were_emitted(
     endpoint = AuditEndpoint(tmp_path / "audit")
     events = numbered_events(1200)
 
-    async def main() -> AuditShipper:
-        await endpoint.start()
-        send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(), tmp_path / "spool", batch_events=500, **FAST)
-        await shipper.start()
+    def emit_all(shipper: AuditShipper) -> None:
         for event in events:
             shipper.emit(event)
-        await delivered(endpoint, 1200)
-        assert await shipper.close()
-        await send.aclose()
-        await endpoint.stop()
-        return shipper
 
-    shipper = asyncio.run(main())
+    shipper = asyncio.run(
+        deliver_through(endpoint, tmp_path / "spool", 1200, batch_events=500,
+                        after_start=emit_all)
+    )
     assert stored_ids(tmp_path / "audit") == [e.id for e in events]
     assert endpoint.requests == 3  # 500 + 500 + 200
     assert (shipper.stats.delivered, shipper.stats.spooled, shipper.stats.lost) == (1200, 0, 0)
@@ -290,20 +312,9 @@ def test_a_spool_left_by_a_killed_agent_is_sent_first_at_start(
     endpoint = AuditEndpoint(tmp_path / "audit")
     new = numbered_events(30)
 
-    async def main() -> None:
-        await endpoint.start()
-        send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(), spool, **FAST)
-        for event in new:  # emitted before start: they wait behind the spool
-            shipper.emit(event)
-        await shipper.start()
-        await delivered(endpoint, 150)
-        assert await shipper.close()
-        await send.aclose()
-        await endpoint.stop()
-
     with caplog.at_level(logging.INFO):
-        asyncio.run(main())
+        # emitted before start: they wait behind the spool
+        asyncio.run(deliver_through(endpoint, spool, 150, before_start=new))
     assert stored_ids(tmp_path / "audit") == old_ids + [e.id for e in new]
     assert "from an earlier run; sending them first" in caplog.text
     assert "unfinished line" in caplog.text
@@ -356,18 +367,8 @@ def test_events_a_killed_agent_held_in_memory_come_back_from_its_journal(
         f.write(b'{"cluster":"example","session_id":"sess-1","us')
     endpoint = AuditEndpoint(tmp_path / "audit")
 
-    async def main() -> None:
-        await endpoint.start()
-        send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(), spool, **FAST)
-        await shipper.start()
-        await delivered(endpoint, 250)
-        assert await shipper.close()
-        await send.aclose()
-        await endpoint.stop()
-
     with caplog.at_level(logging.INFO):
-        asyncio.run(main())
+        asyncio.run(deliver_through(endpoint, spool, 250))
     assert stored_ids(tmp_path / "audit") == old_ids
     assert "250 event(s) in the journal of a run that did not stop cleanly" in caplog.text
     assert "unfinished line" in caplog.text
@@ -380,22 +381,15 @@ def test_a_journal_that_cannot_be_written_is_turned_off_and_events_still_deliver
     endpoint = AuditEndpoint(tmp_path / "audit")
     events = numbered_events(50)
 
-    async def main() -> AuditShipper:
-        await endpoint.start()
-        send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(), tmp_path / "spool", **FAST)
-        await shipper.start()
+    def without_journal_dir(shipper: AuditShipper) -> None:
         (tmp_path / "spool" / "journal").rmdir()  # its first segment cannot be created
         for event in events:
             shipper.emit(event)
-        await delivered(endpoint, 50)
-        assert await shipper.close()
-        await send.aclose()
-        await endpoint.stop()
-        return shipper
 
     with caplog.at_level(logging.ERROR):
-        shipper = asyncio.run(main())
+        shipper = asyncio.run(
+            deliver_through(endpoint, tmp_path / "spool", 50, after_start=without_journal_dir)
+        )
     assert stored_ids(tmp_path / "audit") == [e.id for e in events]
     assert shipper.stats.lost == 0
     assert "the journal is off: cannot write to" in caplog.text
@@ -417,19 +411,8 @@ def test_a_spooled_line_that_is_not_an_event(
     )
     endpoint = AuditEndpoint(tmp_path / "audit")
 
-    async def main() -> AuditShipper:
-        await endpoint.start()
-        send = HttpSend(endpoint.url)
-        shipper = AuditShipper(send.sender(), spool, **FAST)
-        await shipper.start()
-        await delivered(endpoint, 5)
-        assert await shipper.close()
-        await send.aclose()
-        await endpoint.stop()
-        return shipper
-
     with caplog.at_level(logging.ERROR, logger="teleport.audit.shipper"):
-        shipper = asyncio.run(main())
+        shipper = asyncio.run(deliver_through(endpoint, spool, 5))
     assert stored_ids(tmp_path / "audit") == [e.id for e in [*first, *last]]
     assert list(spool.glob("0*.jsonl")) == []
     assert (spool / "rejected.jsonl").read_bytes() == garbage
