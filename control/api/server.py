@@ -40,7 +40,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from control.api.bundlefeed import BundleFeed
 from control.api.hosts import HostsApi
 from control.api.people import PeopleApi
-from control.api.ratelimit import TokenBuckets
 from control.api.state import ApiState, utc_now
 from control.audit_store import AuditStore, audit_events_handler
 from control.bundles import BundleStore
@@ -54,6 +53,7 @@ from schemas.policy.models import split_host_port
 from transport import tls
 from transport.files import ensure_dir, write_atomic
 from transport.http import ApiError, Handler, HttpServer, Request, Response, ServerLimits
+from transport.ratelimit import TokenBuckets
 
 log = logging.getLogger("teleport.control.api")
 

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from control.api.bundlefeed import BundleFeed
-from control.api.ratelimit import TokenBuckets
 from control.ca import ClusterCAs
 from control.inventory import Inventory
 from control.settings import ApiSettings, ControlSettings
@@ -27,6 +26,7 @@ from control.users import PhantomLockouts, SecretsStore
 from schemas.bundle import Bundle
 from schemas.identity import Identity, IdentityError, VerifiedIdentities
 from transport.http import ApiError, Request
+from transport.ratelimit import TokenBuckets
 
 
 def utc_now() -> datetime:

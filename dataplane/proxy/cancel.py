@@ -11,6 +11,12 @@ A CancelRequest is routed by its secret to that agent, which cancels only when t
 id matches too (so a key is as hard to guess as PostgreSQL's own: a 32-bit secret with the
 process id); anything else finds nothing, and the client is told nothing.
 
+A key this proxy did not issue may be another proxy's: behind a load balancer, the new
+connection a client sends its CancelRequest on can land on any proxy of the cluster. Every
+agent is connected to every proxy, so the request is passed to all of them, and the one
+holding the session cancels. Since anyone may send CancelRequests, `FanOutLimit` bounds how
+often that happens: per client address, and in all.
+
 Never log a secret; never reuse a secret that is still in use.
 """
 
@@ -20,6 +26,7 @@ import secrets
 from dataclasses import dataclass
 
 from dataplane.tunnel.frames import BackendKey
+from transport.ratelimit import TokenBuckets
 
 LOCAL = ""  # the host id recorded for sessions of the in-process agent
 
@@ -61,3 +68,24 @@ class CancelKeys:
     def lookup(self, secret_key: int) -> CancelTarget | None:
         """Where the session with this secret runs; the agent checks the process id."""
         return self._keys.get(secret_key & 0xFFFFFFFF)
+
+
+class FanOutLimit:
+    """How often a CancelRequest with a key this proxy did not issue may be passed to every
+    agent: `per_client` in a burst from one client address (then one per `refill` seconds),
+    and `total` in a burst from all of them (then one per `total_refill` seconds). Each one
+    passed costs every agent a data connection (a TLS handshake to replace it)."""
+
+    def __init__(self, per_client: int = 5, refill: float = 1.0, total: int = 20,
+                 total_refill: float = 0.1, max_clients: int = 10_000) -> None:
+        self._clients = TokenBuckets(per_client, refill, max_clients)
+        self._all = TokenBuckets(total, total_refill, 1)
+
+    def allow(self, address: str, now: float) -> bool:
+        """Spend one pass for `address` (and one of the total) if both have one left."""
+        if self._clients.wait_time(address, now) is not None:
+            return False
+        if self._all.take("", now) is not None:
+            return False
+        self._clients.take(address, now)
+        return True

@@ -29,7 +29,10 @@ For a connection the listener classified as PostgreSQL:
 A CancelRequest (a new plain connection, as libpq sends it) whose key the proxy issued goes
 to the agent of that session, and the connection is closed once the server has been asked
 (clients wait for that close before their next statement, as PostgreSQL closes it only
-then); any other key cancels nothing and the client is told nothing, as with PostgreSQL.
+then). A key it did not issue may be another proxy's (behind a load balancer): it is passed
+to every agent connected, within `FanOutLimit`, and only the agent holding a session with
+that process id and secret cancels. A key nobody issued cancels nothing, and the client is
+told nothing either way, as with PostgreSQL.
 
 Never: relay a byte of a client whose certificate did not verify (nor of one whose TLS
 asked for none), answer a cancel key, right or wrong, with anything but a close, drop the
@@ -42,6 +45,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -61,7 +65,7 @@ from dataplane.postgres.errors import (
     PROTOCOL_VIOLATION,
     SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
 )
-from dataplane.proxy.cancel import LOCAL, CancelKeys
+from dataplane.proxy.cancel import LOCAL, CancelKeys, FanOutLimit
 from dataplane.relay import ConnectionClosed, Inbox, Relay
 from dataplane.tls_transport import TlsHandshakeFailed, accept_tls
 from dataplane.tunnel.frames import CancelStart, SessionStart
@@ -72,7 +76,7 @@ from dataplane.tunnel.hosts import (
     TlsContexts,
 )
 from dataplane.tunnel.routing import TargetRefused, resolve_target
-from dataplane.tunnel.server import AgentUnavailable, SessionRefused, TunnelServer
+from dataplane.tunnel.server import AgentLink, AgentUnavailable, SessionRefused, TunnelServer
 from schemas.audit import SessionStartEvent
 from schemas.identity import Identity, IdentityError
 from transport.tls import peer_certificate
@@ -139,6 +143,8 @@ class PostgresFrontend:
         self.tunnel = tunnel
         self.local_agent = local_agent
         self.keys = keys if keys is not None else CancelKeys()
+        self.fan_out = FanOutLimit()
+        self._fan_out_logged = 0.0
         self.audit = audit
         self.host_id = host_id
         self.startup_timeout = startup_timeout
@@ -414,8 +420,12 @@ class PostgresFrontend:
 
     async def _cancel(self, request: m.CancelRequest, peer: str) -> None:
         target = self.keys.lookup(request.secret_key)
-        if target is None or target.host_id is None:
-            logger.info("CancelRequest from %s matches no session; ignored", peer)
+        cancel = CancelStart(process_id=request.process_id, secret_key=request.secret_key)
+        if target is None:
+            await self._cancel_anywhere(cancel, peer)
+            return
+        if target.host_id is None:
+            logger.info("CancelRequest from %s for a session not yet placed; ignored", peer)
             return
         if target.host_id == LOCAL:
             if self.local_agent is not None:
@@ -425,13 +435,33 @@ class PostgresFrontend:
             return
         for link in self.tunnel.agents():
             if link.host_id == target.host_id:
-                try:
-                    await self.tunnel.send_cancel(
-                        link, CancelStart(process_id=request.process_id,
-                                          secret_key=request.secret_key)
-                    )
-                except AgentUnavailable as exc:
-                    logger.warning("could not pass a cancel to agent %s: %s",
-                                   target.host_id, exc)
+                await self._pass_cancel(link, cancel)
                 return
         logger.info("CancelRequest for a session on agent %s, which is gone", target.host_id)
+
+    async def _cancel_anywhere(self, cancel: CancelStart, peer: str) -> None:
+        """A key this proxy did not issue: another proxy may have (`dataplane.proxy.cancel`),
+        so every agent is asked, within the fan-out limit."""
+        links = {link.host_id: link for link in self.tunnel.agents()} if self.tunnel else {}
+        if not links:
+            logger.info("CancelRequest from %s matches no session; ignored", peer)
+            return
+        now = time.monotonic()
+        if not self.fan_out.allow(peer.rsplit(":", 1)[0], now):
+            if now - self._fan_out_logged >= 10.0:
+                self._fan_out_logged = now
+                logger.warning(
+                    "CancelRequests from %s (and others) with keys this proxy did not issue "
+                    "come too often to pass to every agent; some are ignored", peer,
+                )
+            return
+        logger.info("CancelRequest from %s has a key this proxy did not issue; passed to "
+                    "the %d agent(s) connected, in case another proxy did", peer, len(links))
+        await asyncio.gather(*(self._pass_cancel(link, cancel) for link in links.values()))
+
+    async def _pass_cancel(self, link: AgentLink, cancel: CancelStart) -> None:
+        assert self.tunnel is not None
+        try:
+            await self.tunnel.send_cancel(link, cancel)
+        except AgentUnavailable as exc:
+            logger.warning("could not pass a cancel to agent %s: %s", link.host_id, exc)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from control.api.ratelimit import TokenBuckets
 from control.inventory import Inventory, read_agents, write_agents
 from control.tokens import JoinRefused, TokenStore, normalize_roles, parse_static
 from control.users import (
@@ -24,6 +23,7 @@ from control.users import (
     verify_password,
 )
 from schemas.api import Heartbeat
+from transport.ratelimit import TokenBuckets
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 RFC_SECRET = base64.b32encode(b"12345678901234567890").decode()
