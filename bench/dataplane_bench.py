@@ -22,9 +22,9 @@ Measured (medians of `--rounds` interleaved rounds; ratios to direct-TLS of the 
 - the agent's resident memory with --idle idle sessions open through the proxy.
 Targets of issue 5: distributed >= 0.25x direct-TLS TPS at 8 clients; all-in-one >= 0.35x;
 `-C` >= 0.5x direct-TLS connections per second; COPY >= 0.5x direct throughput.
-The agents run with their defaults, so with `-C` they keep the server connection of each
-session that ended cleanly for the next one (db_service.server_idle_timeout, 10 s), as
-pgbouncer keeps its server connections.
+The agents run with their defaults, so with `-C` (a client that reconnects) they keep the
+server connection of each session that ended cleanly for the next one
+(db_service.server_idle_timeout, 10 s), as pgbouncer keeps its server connections.
 """
 
 from __future__ import annotations

@@ -269,7 +269,8 @@ class DbService(ConfigModel):
         description=(
             "keep the server connection of a session that ended cleanly this long, reset "
             "with DISCARD ALL, for the next session of the same user with the same db "
-            "user, db name and options; 0 closes every server connection with its session"
+            "user, db name and options when that client reconnects (two sessions within "
+            "this time); 0 closes every server connection with its session"
         ),
     )
 

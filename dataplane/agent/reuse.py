@@ -2,9 +2,13 @@
 
 A PostgreSQL login is the dearest thing a session does: the server starts a process and
 both ends run a full TLS handshake (the server offers no resumption). Clients that open a
-connection per request pay it every time. So when a client ends its session cleanly, the
-agent keeps the server connection instead of closing it:
+connection per request pay it every time. So when such a client ends its session cleanly,
+the agent keeps the server connection instead of closing it:
 
+- such a client: one whose key (below) started at least `keep_after` (2) sessions within
+  the last `idle_timeout` seconds, this one included. Anyone else's server process ends
+  with the session, as on a direct connection: a one-off client that looks for its
+  backend in pg_stat_activity after it left finds it gone (psycopg's own test suite does);
 - cleanly means: the client sent Terminate while every request it made had been answered,
   outside any transaction (the last ReadyForQuery said idle), nothing of the extended
   protocol left without its Sync, and the agent was not ending the session itself;
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -53,6 +58,8 @@ MAX_RESET_ANSWER = 64 * 1024  # bytes: DISCARD ALL answers with a few short mess
 MAX_LIFETIME = 3600.0  # s: a server connection older than this is closed, not kept
 PER_KEY = 8  # kept connections per key
 TOTAL = 64  # kept connections per agent
+KEEP_AFTER = 2  # sessions of a key started within idle_timeout before its connection is kept
+RECENT_KEYS = 4096  # keys whose latest session starts are remembered
 _TERMINATE = encode(m.Terminate())
 
 ReuseKey = tuple[str, str, str, str, str, tuple[tuple[str, str], ...]]
@@ -114,13 +121,17 @@ class ServerReuse:
 
     def __init__(
         self, idle_timeout: float, *, per_key: int = PER_KEY, total: int = TOTAL,
-        max_lifetime: float = MAX_LIFETIME,
+        max_lifetime: float = MAX_LIFETIME, keep_after: int = KEEP_AFTER,
     ) -> None:
         self.idle_timeout = idle_timeout
         self.max_lifetime = max_lifetime
         self.per_key = per_key
         self.total = total
+        self.keep_after = keep_after
         self._idle: dict[ReuseKey, list[KeptServer]] = {}
+        # The loop times of each key's latest `keep_after` session starts (least recently
+        # started key first, at most RECENT_KEYS of them).
+        self._starts: OrderedDict[ReuseKey, deque[float]] = OrderedDict()
         self._count = 0
         self._resets: set[asyncio.Task[None]] = set()
         # close_all() counts up: a connection logged in before it is not kept (the database
@@ -143,7 +154,9 @@ class ServerReuse:
     # -- taking ---------------------------------------------------------------------------------
 
     def take(self, key: ReuseKey) -> tuple[asyncio.Transport, Inbox, KeptServer] | None:
-        """A kept connection for `key`, its protocol now an Inbox; None if there is none."""
+        """A session of `key` starts: a kept connection for it, its protocol now an Inbox;
+        None if there is none."""
+        self._started(key)
         while True:
             stack = self._idle.get(key)
             if not stack:
@@ -156,6 +169,27 @@ class ServerReuse:
             inbox.transport = kept.transport
             kept.transport.set_protocol(inbox)
             return kept.transport, inbox, kept
+
+    def _started(self, key: ReuseKey) -> None:
+        starts = self._starts.get(key)
+        if starts is None:
+            while len(self._starts) >= RECENT_KEYS:
+                self._starts.popitem(last=False)
+            starts = self._starts[key] = deque(maxlen=max(1, self.keep_after))
+        else:
+            self._starts.move_to_end(key)
+        starts.append(asyncio.get_running_loop().time())
+
+    def reconnects(self, key: ReuseKey) -> bool:
+        """Whether `key` started `keep_after` sessions within the last `idle_timeout` s."""
+        if self.keep_after <= 1:
+            return True
+        starts = self._starts.get(key)
+        return (
+            starts is not None
+            and len(starts) >= self.keep_after
+            and asyncio.get_running_loop().time() - starts[0] <= self.idle_timeout
+        )
 
     # -- giving back ----------------------------------------------------------------------------
 
@@ -171,10 +205,13 @@ class ServerReuse:
         """Take over `transport` (a server connection whose client ended cleanly, logged in
         at loop time `opened_at`, when `self.generation` was `generation`): its protocol is
         replaced now, before the caller returns to the loop. It is reset, then kept or
-        closed. False (nothing taken over) when reuse is off, the connection is gone, has
-        lived `max_lifetime` or logged in before the last `close_all`."""
+        closed. False (nothing taken over) when reuse is off, `key` does not reconnect
+        often, the connection is gone, has lived `max_lifetime` or logged in before the
+        last `close_all`."""
         loop = asyncio.get_running_loop()
         if not self.enabled or transport.is_closing() or generation != self.generation:
+            return False
+        if not self.reconnects(key):
             return False
         if loop.time() - opened_at > self.max_lifetime:
             return False

@@ -1,6 +1,9 @@
 """Server connections kept between sessions of the same person (db_service.server_idle_timeout).
 
-Real psycopg through the proxy and the agent to a real PostgreSQL: a kept connection is
+Real psycopg through the proxy and the agent to a real PostgreSQL: only a client that
+reconnects has its server connection kept (a one-off session's server process ends with
+it, as directly). The other tests keep every clean end (`keep_after` 1), so that one
+earlier session is enough to show what a kept connection does: it is
 reset (DISCARD ALL) before its next session, serves only the same Teleport user with the
 same db user, db name and options, is never kept with work or a transaction left in it, is
 dropped when the server ends it, gives its slot back when the database is full, and goes
@@ -17,6 +20,7 @@ import psycopg
 import pytest
 
 from dataplane.agent.engine import PostgresEngine
+from dataplane.agent.reuse import KEEP_AFTER
 from tests.dataplane.conftest import DataPath
 
 pytestmark = pytest.mark.slow
@@ -50,12 +54,40 @@ def close_kept(path: DataPath, timeout: float = 5.0) -> None:
     path.agents[0].thread.call(engine.reuse.close_all)
 
 
+def set_keep_after(path: DataPath, sessions: int) -> None:
+    path.agents[0].thread.call(setattr, engine_of(path).reuse, "keep_after", sessions)
+
+
 @pytest.fixture
 def clean(path: DataPath) -> Iterator[DataPath]:
-    """No kept connection from an earlier test; none left for the next."""
+    """No kept connection from an earlier test, none left for the next; every clean end of
+    a session is kept during the test."""
     close_kept(path)
-    yield path
-    close_kept(path)
+    set_keep_after(path, 1)
+    try:
+        yield path
+    finally:
+        set_keep_after(path, KEEP_AFTER)
+        close_kept(path)
+
+
+def test_a_one_off_sessions_server_process_ends_with_it_and_a_reconnecting_one_is_kept(
+    clean: DataPath,
+) -> None:
+    path = clean
+    set_keep_after(path, KEEP_AFTER)  # the default: 2 sessions within server_idle_timeout
+    with connect(path, application_name="reuse-one-off") as one:
+        first = backend_pid(one)
+    left = time.monotonic()
+    assert backend_gone(path, first, timeout=1.0), "a one-off session's backend lingered"
+    assert time.monotonic() - left < 1.0
+    assert kept(path) == 0
+    # the same client again, soon: now it connects often, and its connection is kept
+    with connect(path, application_name="reuse-one-off") as two:
+        second = backend_pid(two)
+    wait_kept(path, 1)
+    with connect(path, application_name="reuse-one-off") as three:
+        assert backend_pid(three) == second
 
 
 def connect(path: DataPath, user: str = "alice", db_user: str = "alice", dbname: str = "main",

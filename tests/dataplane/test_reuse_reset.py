@@ -1,5 +1,6 @@
 """ServerReuse's reset of a given-back server connection, against a scripted server on a
-real socket pair: what it sends, and when it keeps or closes the connection."""
+real socket pair: what it sends, and when it keeps or closes the connection; and which
+clients' connections it takes at all (those that reconnect)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ async def _query_received(server: socket.socket) -> m.Query:
 
 
 async def _reset_answered(close_all_first: bool) -> tuple[int, bytes]:
-    reuse = ServerReuse(10.0)
+    reuse = ServerReuse(10.0, keep_after=1)
     transport, server = await _given_back(reuse)
     query = await _query_received(server)
     assert query.query == "DISCARD ALL"
@@ -78,7 +79,7 @@ def test_one_given_back_before_close_all_is_closed_after_its_reset() -> None:
 
 
 async def _given_back_after_close_all() -> tuple[bool, int]:
-    reuse = ServerReuse(10.0)
+    reuse = ServerReuse(10.0, keep_after=1)
     logged_in = reuse.generation
     reuse.close_all()  # while its session ran, another changed a role or a database
     transport, theirs = await _connected()
@@ -91,3 +92,47 @@ async def _given_back_after_close_all() -> tuple[bool, int]:
 
 def test_one_logged_in_before_close_all_is_not_taken() -> None:
     assert asyncio.run(_given_back_after_close_all()) == (False, 0)
+
+
+async def _taken_after(starts: list[float], idle_timeout: float = 10.0) -> list[bool]:
+    """Sessions of KEY start after each delay in `starts` (seconds); after each, whether
+    its server connection would be taken when it ends."""
+    reuse = ServerReuse(idle_timeout)
+    taken, sockets = [], []
+    for delay in starts:
+        await asyncio.sleep(delay)
+        reuse.take(KEY)
+        transport, theirs = await _connected()
+        sockets.append((transport, theirs))
+        taken.append(reuse.give_back(KEY, transport, None, [],
+                                     asyncio.get_running_loop().time(), reuse.generation))
+    await reuse.shutdown()  # the resets (not what is tested here) are cancelled
+    for transport, theirs in sockets:
+        transport.abort()
+        theirs.close()
+    return taken
+
+
+def test_only_a_client_that_reconnects_has_its_connection_kept() -> None:
+    # the first session of a key ends with its server process; the second, started
+    # within idle_timeout of the first, is kept; one whose previous start is older is not
+    assert asyncio.run(_taken_after([0, 0, 0])) == [False, True, True]
+    assert asyncio.run(_taken_after([0, 0.3], idle_timeout=0.2)) == [False, False]
+
+
+def test_other_keys_do_not_count_as_reconnects() -> None:
+    async def run() -> bool:
+        reuse = ServerReuse(10.0)
+        other = reuse_key(BundleDatabase(name="pg", uri="localhost:5432"), "bob", "alice",
+                          "main", {})
+        reuse.take(other)
+        reuse.take(KEY)
+        transport, theirs = await _connected()
+        taken = reuse.give_back(KEY, transport, None, [], asyncio.get_running_loop().time(),
+                                reuse.generation)
+        await reuse.shutdown()
+        transport.abort()
+        theirs.close()
+        return taken
+
+    assert asyncio.run(run()) is False
