@@ -171,14 +171,13 @@ class ServerReuse:
             return kept.transport, inbox, kept
 
     def _started(self, key: ReuseKey) -> None:
-        starts = self._starts.get(key)
-        if starts is None:
+        starts = self._starts.pop(key, None)
+        if starts is None or starts.maxlen != max(1, self.keep_after):
             while len(self._starts) >= RECENT_KEYS:
                 self._starts.popitem(last=False)
-            starts = self._starts[key] = deque(maxlen=max(1, self.keep_after))
-        else:
-            self._starts.move_to_end(key)
+            starts = deque(starts or (), maxlen=max(1, self.keep_after))
         starts.append(asyncio.get_running_loop().time())
+        self._starts[key] = starts  # now the most recently started key
 
     def reconnects(self, key: ReuseKey) -> bool:
         """Whether `key` started `keep_after` sessions within the last `idle_timeout` s."""
