@@ -326,7 +326,7 @@ class AuditShipper:
         if self._task is not None:
             return
         try:
-            backlog = await asyncio.to_thread(self._spool.open)
+            await asyncio.to_thread(self._spool.open)
         except OSError as exc:
             raise AuditSpoolError(
                 f"cannot use the audit spool directory {self.spool_dir}: "

@@ -265,26 +265,22 @@ def test_a_full_spool_refuses_sessions_until_delivery_frees_it(
     assert stored_ids(tmp_path / "audit") == [e.id for e in events]
 
 
-KILLED_AGENT = textwrap.dedent("""
+AGENT_TO_KILL = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
     from dataplane.audit import AuditShipper, SendJson
-    from schemas.api import AuditAck
     from tests.audit.conftest import numbered_events
 
-    async def unreachable(body):
-        raise ConnectionRefusedError("the control plane is down")
+    async def send(body):
+        {send}
 
     async def main():
-        shipper = AuditShipper(
-            SendJson(unreachable), Path(sys.argv[1]), interval=0.01, retry_min=0.01
-        )
+        shipper = AuditShipper(SendJson(send), Path(sys.argv[1]), interval=0.01, {options})
         await shipper.start()
-        events = numbered_events(120)
+        events = numbered_events({count})
         for event in events:
             shipper.emit(event)
-        while shipper.stats.spooled < 120:
-            await asyncio.sleep(0.01)
+        {until}
         print(" ".join(e.id for e in events), flush=True)
         await asyncio.sleep(3600)
 
@@ -292,23 +288,40 @@ KILLED_AGENT = textwrap.dedent("""
 """)
 
 
+def killed_agent(spool: Path, *, send: str, options: str, count: int, until: str) -> list[str]:
+    """An agent's shipper in a process of its own (spool `spool`, `send` the body of its
+    send function): it emits `count` events, awaits `until`, prints their ids and is then
+    killed with SIGKILL. The ids."""
+    script = AGENT_TO_KILL.format(send=send, options=options, count=count, until=until)
+    agent = subprocess.Popen([sys.executable, "-c", script, str(spool)],
+                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        assert agent.stdout is not None
+        return agent.stdout.readline().split()
+    finally:
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait(timeout=10)
+
+
+def tear(segment: Path) -> None:
+    """As if killed in the middle of a write: a line without its end."""
+    with segment.open("ab") as f:
+        f.write(b'{"cluster":"example","session_id":"sess-1","us')
+
+
 def test_a_spool_left_by_a_killed_agent_is_sent_first_at_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     spool = tmp_path / "spool"
-    agent = subprocess.Popen([sys.executable, "-c", KILLED_AGENT, str(spool)],
-                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
-    try:
-        assert agent.stdout is not None
-        old_ids = agent.stdout.readline().split()
-    finally:
-        os.kill(agent.pid, signal.SIGKILL)
-        agent.wait(timeout=10)
+    old_ids = killed_agent(
+        spool, send='raise ConnectionRefusedError("the control plane is down")',
+        options="retry_min=0.01", count=120,
+        until="while shipper.stats.spooled < 120: await asyncio.sleep(0.01)",
+    )
     assert len(old_ids) == 120
     segments = sorted(spool.glob("*.jsonl"))
     assert segments
-    with segments[-1].open("ab") as f:  # killed in the middle of a spool write
-        f.write(b'{"cluster":"example","session_id":"sess-1","us')
+    tear(segments[-1])  # killed in the middle of a spool write
     endpoint = AuditEndpoint(tmp_path / "audit")
     new = numbered_events(30)
 
@@ -321,50 +334,23 @@ def test_a_spool_left_by_a_killed_agent_is_sent_first_at_start(
     assert list(spool.glob("*.jsonl")) == []
 
 
-KILLED_WHILE_SENDING = textwrap.dedent("""
-    import asyncio, sys
-    from pathlib import Path
-    from dataplane.audit import AuditShipper, SendJson
-    from tests.audit.conftest import numbered_events
-
-    async def never_answers(body):
-        await asyncio.Event().wait()
-
-    async def main():
-        shipper = AuditShipper(SendJson(never_answers), Path(sys.argv[1]), interval=0.01,
-                               batch_events=100)
-        await shipper.start()
-        events = numbered_events(250)
-        for event in events:
-            shipper.emit(event)
-        await asyncio.sleep(0.2)  # the first batch is on its way, the rest waits in memory
-        print(" ".join(e.id for e in events), flush=True)
-        await asyncio.sleep(3600)
-
-    asyncio.run(main())
-""")
-
-
 def test_events_a_killed_agent_held_in_memory_come_back_from_its_journal(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """SIGKILL while a batch is on its way and more events wait in memory (neither sent
     nor spooled): the next start moves the journal to the spool and delivers them all."""
     spool = tmp_path / "spool"
-    agent = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_SENDING, str(spool)],
-                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
-    try:
-        assert agent.stdout is not None
-        old_ids = agent.stdout.readline().split()
-    finally:
-        os.kill(agent.pid, signal.SIGKILL)
-        agent.wait(timeout=10)
+    old_ids = killed_agent(
+        spool, send="await asyncio.Event().wait()  # never answers",
+        options="batch_events=100", count=250,
+        # the first batch is on its way, the rest waits in memory
+        until="await asyncio.sleep(0.2)",
+    )
     assert len(old_ids) == 250
     assert list(spool.glob("*.jsonl")) == []  # nothing was spooled: all in memory
     journal = sorted((spool / "journal").glob("*.jsonl"))
     assert journal
-    with journal[-1].open("ab") as f:  # as if killed in the middle of a write
-        f.write(b'{"cluster":"example","session_id":"sess-1","us')
+    tear(journal[-1])
     endpoint = AuditEndpoint(tmp_path / "audit")
 
     with caplog.at_level(logging.INFO):

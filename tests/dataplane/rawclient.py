@@ -41,15 +41,18 @@ class RawSession:
                 return message  # type: ignore[return-value]
             self.decoder.receive_data(data)
 
+    def read_until_ready(self) -> list[m.BackendMessage]:
+        """Every message up to and including the next ReadyForQuery."""
+        out = []
+        while True:
+            out.append(self.read_message())
+            if isinstance(out[-1], m.ReadyForQuery):
+                return out
+
     def query(self, sql: str) -> list[m.BackendMessage]:
         """Run `sql`; every message up to and including ReadyForQuery."""
         self.send(m.Query(sql))
-        out = []
-        while True:
-            message = self.read_message()
-            out.append(message)
-            if isinstance(message, m.ReadyForQuery):
-                return out
+        return self.read_until_ready()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -34,15 +34,6 @@ def wait_running(cluster: E2ECluster, query: str) -> None:
     wait_for(f"PostgreSQL to run {query!r}", lambda: cluster.pg.psql_admin(sql).strip() != "0", 10)
 
 
-def read_until_ready(session: rawclient.RawSession) -> list[pm.BackendMessage]:
-    out = []
-    while True:
-        message = session.read_message()
-        out.append(message)
-        if isinstance(message, pm.ReadyForQuery):
-            return out
-
-
 def test_psql_ctrl_c_cancels_pg_sleep_within_a_second(cluster: E2ECluster, alice: Person) -> None:
     proc = subprocess.Popen(
         ["psql", "-X", "-At", "-c", "select pg_sleep(30)", alice.dsn()],
@@ -105,7 +96,7 @@ def test_a_cancel_request_with_a_wrong_key_cancels_nothing(
         # id with a wrong secret, and an unknown process id with the right secret.
         rawclient.send_cancel(cluster.web_port, pid, secret ^ 1)
         rawclient.send_cancel(cluster.web_port, pid ^ 0x5A5A, secret)
-        messages = read_until_ready(session)
+        messages = session.read_until_ready()
         assert not any(isinstance(m, pm.ErrorResponse) for m in messages), messages
         rows = [m for m in messages if isinstance(m, pm.DataRow)]
         assert [r.values for r in rows] == [(b"", b"finished")]
@@ -115,7 +106,7 @@ def test_a_cancel_request_with_a_wrong_key_cancels_nothing(
         wait_running(cluster, "select pg_sleep(30)")
         sent = time.monotonic()
         rawclient.send_cancel(cluster.web_port, pid, secret)
-        messages = read_until_ready(session)
+        messages = session.read_until_ready()
         assert time.monotonic() - sent < 1.0
         errors = [m for m in messages if isinstance(m, pm.ErrorResponse)]
         assert [(e.sqlstate, e.message) for e in errors] == [
