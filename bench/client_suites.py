@@ -1,24 +1,35 @@
 """Run PostgreSQL client libraries' own test suites directly and through both paths, and
 show where the outcomes differ.
 
-    python -m bench.client_suites [--suite asyncpg|pg8000|psycopg2] [--version X.Y.Z] [--keep]
+    python -m bench.client_suites [--suite NAME]... [--version X.Y.Z] [--keep]
 
 The suites are those of asyncpg (a client in C/Cython), pg8000 (pure Python, its own
-protocol code) and psycopg2 (on libpq, as psql; run against the psycopg2-binary wheel of
-the same version): their source distributions carry their tests. The cluster is the one of
+protocol code), psycopg2 (on libpq, as psql; run against the psycopg2-binary wheel of
+the same version), SQLAlchemy (its backend tests, on psycopg 3: the queries an ORM and a
+schema tool send, reflection of every kind of object among them), and pgcli and pgspecial
+(a terminal client and its backslash commands: the catalog queries GUIs send too). Their
+source distributions carry their tests. The cluster is the one of
 `bench.dataplane_bench` (one PostgreSQL with TLS and cert auth; an all-in-one `teleport
 start` and a separate proxy and agent); each suite then runs three times, as the same
 database user:
 - direct-TLS: PGHOST/PGPORT of PostgreSQL, a db-CA client certificate;
 - all-in-one and distributed: the proxy's address and the files `tsh db login` wrote.
-asyncpg's tests take the server from the PG* variables. pg8000's take it from a fixture
+asyncpg's, psycopg2's, pgcli's and pgspecial's tests take the server from the PG*
+variables, SQLAlchemy's from `--dburi` (built from them; libpq reads the TLS files from
+the variables). pg8000's take it from a fixture
 (`db_kwargs`, user postgres with a password): the copy run here gets one that reads the
 same PG* variables and builds the TLS context from them, appended to its three conftest
 files; its `auth` directories are left out (they need servers set up for password, MD5,
-SCRAM and GSS logins, which no path here offers).
+SCRAM and GSS logins, which no path here offers). pgspecial's tests create their database
+with the en_US.UTF-8 locale, which this machine may lack: the copy run here asks for
+C.UTF-8. Of SQLAlchemy's suite, its dialect, SQL and engine tests run (with
+`--backend-only`, about 11,000 tests, 2 minutes directly): its ORM tests send the same
+kinds of statements through the same dialect and take ten times as long.
 The suites need a superuser and other database names (they create types, extensions and
 databases), so for this run the db user is made a superuser and the role allows every db
 user and db name (a push to the cluster's policy repository, as an administrator would).
+A suite's own databases are dropped before each of its runs, so that no run sees what the
+one before left (pgspecial's expected owners change otherwise).
 Each library is installed, with pytest, in a venv of its own under the run's directory
 (from PyPI, or the machine's pip configuration).
 
@@ -107,6 +118,11 @@ class Suite:
     ignore: tuple[str, ...] = ()  # pytest --ignore-glob patterns
     options: tuple[str, ...] = ()  # more pytest options
     patch: Callable[[Path], None] | None = None  # points the suite at the PG* variables
+    whole: bool = False  # unpack the whole sdist (the suite runs from its own tree)
+    paths: tuple[str, ...] = ()  # what to run, when not all of `tests`
+    setup: str = ""  # SQL run once as the superuser in database bench before the runs
+    fresh_dbs: tuple[str, ...] = ()  # the suite's own databases, dropped before each run
+    path_args: Callable[[dict[str, str]], list[str]] | None = None  # from the PG* variables
 
 
 PG8000_TARGET = '''
@@ -134,6 +150,16 @@ def point_pg8000(top: Path) -> None:
         conftest.write_text(conftest.read_text() + PG8000_TARGET)
 
 
+def point_pgspecial(top: Path) -> None:
+    dbutils = top / "tests" / "dbutils.py"
+    dbutils.write_text(dbutils.read_text().replace("'en_US.UTF-8'", "'C.UTF-8'"))
+
+
+def sqlalchemy_dburi(env: dict[str, str]) -> list[str]:
+    return [f"--dburi=postgresql+psycopg://{env['PGUSER']}@{env['PGHOST']}:{env['PGPORT']}"
+            f"/{env['PGDATABASE']}"]
+
+
 SUITES = {
     "asyncpg": Suite("asyncpg", "tests", extra=("distro",)),
     "pg8000": Suite("pg8000", "test", extra=("pytest-mock", "pytest-benchmark", "pytz"),
@@ -143,6 +169,22 @@ SUITES = {
     # and libpq the TLS files; the database is named by PSYCOPG2_TESTDB.
     "psycopg2": Suite("psycopg2", "tests", install="psycopg2-binary",
                       env=(("PSYCOPG2_TESTDB", "PGDATABASE"),)),
+    "sqlalchemy": Suite(
+        "sqlalchemy", "test", extra=("psycopg[binary]", "greenlet"), whole=True,
+        paths=("test/dialect", "test/sql", "test/engine"),
+        options=("--import-mode=prepend", "--backend-only"),
+        setup="create schema if not exists test_schema; "
+        "create schema if not exists test_schema_2; "
+        "create extension if not exists hstore; create extension if not exists citext",
+        path_args=sqlalchemy_dburi,
+    ),
+    # psycopg 3 on libpq; their conftest files import modules beside them.
+    "pgcli": Suite("pgcli", "tests", extra=("psycopg[binary]", "sshtunnel"),
+                   ignore=("*/tests/features/*",), options=("--import-mode=prepend",),
+                   fresh_dbs=("_test_db",)),
+    "pgspecial": Suite("pgspecial", "tests", extra=("psycopg[binary]", "configobj"),
+                       options=("--import-mode=prepend",), patch=point_pgspecial,
+                       fresh_dbs=("_test_db", "_foreign_test_db")),
 }
 
 
@@ -169,7 +211,7 @@ def fetch(root: Path, suite: Suite, version: str | None) -> tuple[Path, Path]:
     (archive,) = dl.glob(f"{suite.package}-*.tar.gz")
     unpacked = root / f"{suite.package}-suite"
     with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if f"/{suite.tests}/" in m.name]
+        members = [m for m in tar.getmembers() if suite.whole or f"/{suite.tests}/" in m.name]
         tar.extractall(unpacked, members=members, filter="data")
     (top,) = unpacked.iterdir()
     if suite.patch is not None:
@@ -183,9 +225,10 @@ def run_suite(py: Path, suite: Suite, top: Path, env: dict[str, str], log: Path
               ) -> dict[str, str]:
     """test id -> 'PASSED' / 'FAILED: first line' / ... from one run of the suite."""
     argv = [
-        str(py), "-m", "pytest", suite.tests, "-p", "no:cacheprovider",
+        str(py), "-m", "pytest", *(suite.paths or (suite.tests,)), "-p", "no:cacheprovider",
         "--import-mode=importlib", "-q", "-rA", "--tb=line", "-o", "addopts=",
         *(f"--ignore-glob={pattern}" for pattern in suite.ignore), *suite.options,
+        *(suite.path_args(env) if suite.path_args else ()),
     ]  # fmt: skip
     with log.open("w") as out:
         subprocess.run(argv, cwd=top, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -232,8 +275,12 @@ def main() -> int:
         for suite_name in names:
             suite = SUITES[suite_name]
             py, top = fetch(root, suite, args.version)
+            if suite.setup:
+                b.pg.psql_admin(suite.setup, database="bench")
             results = all_results[suite_name] = {}
             for name in PATHS:
+                for db in suite.fresh_dbs:
+                    b.pg.psql_admin(f'drop database if exists "{db}" with (force)')
                 target = b.targets[name]
                 env = {k: v for k, v in b.base_env().items() if k != "PGSERVICEFILE"}
                 env.update(pg_env(target.conninfo, Path(target.env["PGSERVICEFILE"])))
