@@ -24,7 +24,7 @@ Targets of issue 5: distributed >= 0.25x direct-TLS TPS at 8 clients; all-in-one
 `-C` >= 0.5x direct-TLS connections per second; COPY >= 0.5x direct throughput.
 The agents run with their defaults, so with `-C` (a client that reconnects) they keep the
 server connection of each session that ended cleanly for the next one
-(db_service.server_idle_timeout, 10 s), as pgbouncer keeps its server connections.
+(db_service.server_idle_timeout, 3 s), as pgbouncer keeps its server connections.
 """
 
 from __future__ import annotations

@@ -265,12 +265,13 @@ class DbService(ConfigModel):
         description="also serve the bundle's databases whose labels match a selector",
     )
     server_idle_timeout: DurationOrOff = Field(
-        "10s",
+        "3s",
         description=(
             "keep the server connection of a session that ended cleanly this long, reset "
             "with DISCARD ALL, for the next session of the same user with the same db "
             "user, db name and options when that client reconnects (two sessions within "
-            "this time); 0 closes every server connection with its session"
+            "this time); 0 closes every server connection with its session. Above 5s, a DROP "
+            "DATABASE sent around the agent can fail while a kept connection is left"
         ),
     )
 

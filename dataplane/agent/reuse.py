@@ -51,7 +51,10 @@ from schemas.bundle import BundleDatabase
 
 logger = logging.getLogger(__name__)
 
-SERVER_IDLE_TIMEOUT = 10.0  # s: the default of db_service.server_idle_timeout
+# s: the default of db_service.server_idle_timeout. Below the 5 s PostgreSQL waits in
+# CREATE, ALTER and DROP DATABASE for the database's other connections to go, so that
+# such a statement sent around this agent (directly, or through another agent) succeeds.
+SERVER_IDLE_TIMEOUT = 3.0
 RESET_QUERY = "DISCARD ALL"
 RESET_TIMEOUT = 5.0  # s: a server that takes longer to reset is closed, not kept
 MAX_RESET_ANSWER = 64 * 1024  # bytes: DISCARD ALL answers with a few short messages

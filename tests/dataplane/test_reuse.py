@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from dataplane.agent.engine import PostgresEngine
-from dataplane.agent.reuse import KEEP_AFTER
+from dataplane.agent.reuse import KEEP_AFTER, SERVER_IDLE_TIMEOUT
 from tests.dataplane.conftest import DataPath
 
 pytestmark = pytest.mark.slow
@@ -293,6 +293,23 @@ def test_a_database_someone_just_left_can_be_dropped(
         else:
             admin.execute(sql, prepare=True)  # Parse, Bind, Execute, Sync (raises if it fails)
     assert backend_gone(path, first)
+
+
+@pytest.mark.usefixtures("alice_creates_databases")
+def test_a_database_left_through_the_agent_can_be_dropped_around_it(clean: DataPath) -> None:
+    # A DROP DATABASE sent directly, or through another agent, does not tell this one. The
+    # server waits up to 5 s for the database's other connections to go: a kept one goes
+    # server_idle_timeout after its session ended, by default in less (a test runner drops
+    # the database its sessions through the proxy just used).
+    path = clean
+    assert engine_of(path).reuse.idle_timeout == SERVER_IDLE_TIMEOUT
+    path.pg.server.psql_admin("create database scratch owner alice")
+    with connect(path, dbname="scratch") as one:
+        first = backend_pid(one)
+    wait_kept(path, 1)
+    path.pg.server.psql_admin("drop database scratch")  # raises if the server refuses it
+    assert backend_gone(path, first, timeout=0.1)
+    assert kept(path) == 0
 
 
 def test_a_role_changed_through_the_proxy_is_seen_by_the_next_session(clean: DataPath) -> None:

@@ -108,8 +108,8 @@ db_service:
     )
 
 
-def test_server_idle_timeout_defaults_to_ten_seconds_and_zero_turns_reuse_off() -> None:
-    assert load_config(Path("t.yaml"), "db_service: {}\n").db_service.server_idle_timeout == "10s"
+def test_server_idle_timeout_defaults_to_three_seconds_and_zero_turns_reuse_off() -> None:
+    assert load_config(Path("t.yaml"), "db_service: {}\n").db_service.server_idle_timeout == "3s"
     for off in ("0", '"0"', "off", "no"):
         config = load_config(Path("t.yaml"), f"db_service:\n  server_idle_timeout: {off}\n")
         assert config.db_service.server_idle_timeout is None, off
