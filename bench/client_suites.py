@@ -2,6 +2,7 @@
 show where the outcomes differ.
 
     python -m bench.client_suites [--suite NAME]... [--version X.Y.Z] [--keep]
+                                  [--postgres-source TARBALL_OR_URL]
 
 The suites are those of asyncpg (a client in C/Cython), pg8000 (pure Python, its own
 protocol code), psycopg2 (on libpq, as psql; run against the psycopg2-binary wheel of
@@ -34,14 +35,22 @@ one before left (pgspecial's expected owners change otherwise).
 Each library is installed, with pytest, in a venv of its own under the run's directory
 (from PyPI, or the machine's pip configuration).
 
+PostgreSQL's own suites (`postgres-regress`, psql on some 200 scripts, and
+`postgres-isolation`, concurrent sessions on libpq's asynchronous API) come from the source
+of the server's version; see bench/pg_regress.py. Besides each test's verdict, their output
+files through each path are compared with the direct run's, byte for byte.
+
 Printed per suite: passed / failed / errors / skipped per path, then every test whose
 outcome through a path differs from direct, with the failure's first line. Tests that fail
 directly too (they want a standby server, or the server's own files) show up in the counts
 only.
 
 SQLAlchemy 2.1.9, pgcli 4.7.1 and pgspecial 2.2.1 (2026-11-23): no test's outcome differs
-from direct on either path. The one difference seen (2026-11-22: asyncpg 0.32.0, pg8000
-1.31.6, psycopg2 2.9.13):
+from direct on either path. PostgreSQL 15.18's regression tests (217) and isolation tests
+(115), 2026-11-23: every output file through either path is the direct run's, byte for byte
+(one test of each fails on every path: `sequence` expects the bootstrap superuser,
+`temp-schema-cleanup` a connection without TLS).
+The one difference seen (2026-11-22: asyncpg 0.32.0, pg8000 1.31.6, psycopg2 2.9.13):
 asyncpg's `test_executemany_server_failure_during_writes` ("should stop early") failed in
 3 of 8 runs through the all-in-one and 6 of 8 through the distributed path (never
 directly, once in 8 through pgbouncer). The client gets the same error
@@ -66,6 +75,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import pg_regress
 from bench.dataplane_bench import Bench, prepare, run, wait_answers
 
 SUITE_TIMEOUT = 1800
@@ -242,6 +252,31 @@ def run_suite(py: Path, suite: Suite, top: Path, env: dict[str, str], log: Path
     return parse_log(log)
 
 
+def path_env(b: Bench, name: str) -> dict[str, str]:
+    """The environment of a suite run through `name`: its PG* variables."""
+    target = b.targets[name]
+    env = {k: v for k, v in b.base_env().items() if k != "PGSERVICEFILE"}
+    env.update(pg_env(target.conninfo, Path(target.env["PGSERVICEFILE"])))
+    return env
+
+
+def run_postgres_suite(b: Bench, tree: pg_regress.PostgresTree, suite_name: str,
+                       results: dict[str, dict[str, str]],
+                       differing: dict[str, dict[str, list[str]]]) -> None:
+    """One of PostgreSQL's own suites through each path; outputs compared with direct's."""
+    suite = pg_regress.SUITES[suite_name]
+    outputs = b.root / suite_name
+    for name in PATHS:
+        started = time.monotonic()
+        results[name] = pg_regress.run_regress(tree, suite, path_env(b, name), outputs / name,
+                                               b.root / f"{suite_name}-{name}.log")
+        print(f"{suite_name}, {name}: done in {time.monotonic() - started:.0f} s", flush=True)
+    differing[suite_name] = {
+        name: pg_regress.differing_outputs(outputs / PATHS[0], outputs / name)
+        for name in PATHS[1:]
+    }
+
+
 def parse_log(log: Path) -> dict[str, str]:
     """The outcome of every test in a `pytest -rA` log."""
     outcomes: dict[str, str] = {}
@@ -263,33 +298,42 @@ def parse_log(log: Path) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=sorted(SUITES), action="append",
-                        help="which suite (repeatable; default: all)")
+    parser.add_argument("--suite", choices=sorted(SUITES) + sorted(pg_regress.SUITES),
+                        action="append", help="which suite (repeatable; default: all)")
     parser.add_argument("--version", help="the library's version (default: the newest); "
-                        "with one --suite only")
+                        "with one --suite of a library only")
+    parser.add_argument("--postgres-source", metavar="TARBALL_OR_URL",
+                        help="the source of the server's PostgreSQL version, for its own "
+                        "suites (default: Debian's source package)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory")
     args = parser.parse_args()
-    names = args.suite or sorted(SUITES)
-    if args.version and len(names) != 1:
-        parser.error("--version needs exactly one --suite")
+    names = args.suite or sorted(SUITES) + sorted(pg_regress.SUITES)
+    if args.version and (len(names) != 1 or names[0] not in SUITES):
+        parser.error("--version needs exactly one --suite, of a library")
     root = Path(tempfile.mkdtemp(prefix="client-suites-"))
     print(f"run directory: {root}", flush=True)
     b = prepare(root)
     all_results: dict[str, dict[str, dict[str, str]]] = {}
+    differing: dict[str, dict[str, list[str]]] = {}  # suite -> path -> tests (PostgreSQL's)
+    tree: pg_regress.PostgresTree | None = None
     try:
         open_up(b)
         for suite_name in names:
+            results = all_results[suite_name] = {}
+            if suite_name in pg_regress.SUITES:
+                if tree is None:
+                    tree = pg_regress.prepare_tree(root, b.pg.binaries.postgres.resolve().parent,
+                                                   args.postgres_source)  # fmt: skip
+                run_postgres_suite(b, tree, suite_name, results, differing)
+                continue
             suite = SUITES[suite_name]
             py, top = fetch(root, suite, args.version)
             for database, sql in suite.setup:
                 b.pg.psql_admin(sql, database=database)
-            results = all_results[suite_name] = {}
             for name in PATHS:
                 for db in suite.fresh_dbs:
                     b.pg.psql_admin(f'drop database if exists "{db}" with (force)')
-                target = b.targets[name]
-                env = {k: v for k, v in b.base_env().items() if k != "PGSERVICEFILE"}
-                env.update(pg_env(target.conninfo, Path(target.env["PGSERVICEFILE"])))
+                env = path_env(b, name)
                 env.update((variable, env[source]) for variable, source in suite.env)
                 started = time.monotonic()
                 log = root / f"{suite_name}-{name}.log"
@@ -303,6 +347,9 @@ def main() -> int:
     for suite_name, results in all_results.items():
         print(f"\n{suite_name}'s suite")
         report(results)
+        for name, tests in differing.get(suite_name, {}).items():
+            print(f"{name}: output not byte for byte the direct run's: "
+                  f"{', '.join(tests) or 'none'}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0
