@@ -38,7 +38,8 @@ Each library is installed, with pytest, in a venv of its own under the run's dir
 PostgreSQL's own suites (`postgres-regress`, psql on some 200 scripts, and
 `postgres-isolation`, concurrent sessions on libpq's asynchronous API) come from the source
 of the server's version; see bench/pg_regress.py. Besides each test's verdict, their output
-files through each path are compared with the direct run's, byte for byte.
+files through each path are compared with the direct run's, byte for byte, and so are
+pg_dump's dumps of the regression tests' database and what pg_restore makes of them.
 
 Printed per suite: passed / failed / errors / skipped per path, then every test whose
 outcome through a path differs from direct, with the failure's first line. Tests that fail
@@ -261,9 +262,9 @@ def path_env(b: Bench, name: str) -> dict[str, str]:
 
 
 def run_postgres_suite(b: Bench, tree: pg_regress.PostgresTree, suite_name: str,
-                       results: dict[str, dict[str, str]],
-                       differing: dict[str, dict[str, list[str]]]) -> None:
-    """One of PostgreSQL's own suites through each path; outputs compared with direct's."""
+                       results: dict[str, dict[str, str]]) -> list[str]:
+    """One of PostgreSQL's own suites through each path; what to print besides the table:
+    how its outputs (and its database's dumps) compare with direct's."""
     suite = pg_regress.SUITES[suite_name]
     outputs = b.root / suite_name
     for name in PATHS:
@@ -271,10 +272,23 @@ def run_postgres_suite(b: Bench, tree: pg_regress.PostgresTree, suite_name: str,
         results[name] = pg_regress.run_regress(tree, suite, path_env(b, name), outputs / name,
                                                b.root / f"{suite_name}-{name}.log")
         print(f"{suite_name}, {name}: done in {time.monotonic() - started:.0f} s", flush=True)
-    differing[suite_name] = {
-        name: pg_regress.differing_outputs(outputs / PATHS[0], outputs / name)
+    notes = [
+        f"{name}: output not byte for byte the direct run's: "
+        f"{', '.join(pg_regress.differing_outputs(outputs / PATHS[0], outputs / name)) or 'none'}"
         for name in PATHS[1:]
-    }
+    ]
+    if suite.dumped:
+        started = time.monotonic()
+        dumps = pg_regress.dump_checks(tree, {name: path_env(b, name) for name in PATHS},
+                                       suite.dbname, b.root / f"{suite_name}-dumps")
+        print(f"{suite_name}: dumped and restored in {time.monotonic() - started:.0f} s",
+              flush=True)  # fmt: skip
+        notes += [
+            f"{name}: pg_dump, pg_dump -Fd -j 2 and pg_restore -j 2 of database "
+            f"{suite.dbname!r}; differs from direct: {what or 'nothing'}"
+            for name, what in dumps.items()
+        ]
+    return notes
 
 
 def parse_log(log: Path) -> dict[str, str]:
@@ -314,7 +328,7 @@ def main() -> int:
     print(f"run directory: {root}", flush=True)
     b = prepare(root)
     all_results: dict[str, dict[str, dict[str, str]]] = {}
-    differing: dict[str, dict[str, list[str]]] = {}  # suite -> path -> tests (PostgreSQL's)
+    notes: dict[str, list[str]] = {}  # PostgreSQL's suites: how outputs compare with direct's
     tree: pg_regress.PostgresTree | None = None
     try:
         open_up(b)
@@ -324,7 +338,7 @@ def main() -> int:
                 if tree is None:
                     tree = pg_regress.prepare_tree(root, b.pg.binaries.postgres.resolve().parent,
                                                    args.postgres_source)  # fmt: skip
-                run_postgres_suite(b, tree, suite_name, results, differing)
+                notes[suite_name] = run_postgres_suite(b, tree, suite_name, results)
                 continue
             suite = SUITES[suite_name]
             py, top = fetch(root, suite, args.version)
@@ -347,9 +361,8 @@ def main() -> int:
     for suite_name, results in all_results.items():
         print(f"\n{suite_name}'s suite")
         report(results)
-        for name, tests in differing.get(suite_name, {}).items():
-            print(f"{name}: output not byte for byte the direct run's: "
-                  f"{', '.join(tests) or 'none'}")
+        for note in notes.get(suite_name, ()):
+            print(note)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -15,6 +15,10 @@ The tests come from the source of the server's own version (Debian's source pack
 pg_regress drops and creates its database through the path under test, as its users'
 test runners do. Each path writes its outputs to a directory of its own; besides each
 test's own verdict, every output file is compared with the direct run's.
+
+What the regression tests leave (a database with objects of every kind) is then dumped
+and restored with pg_dump and pg_restore through each path, and compared with the same
+done directly (`dump_checks`).
 """
 
 from __future__ import annotations
@@ -42,11 +46,12 @@ class RegressSuite:
     tests: str  # the suite's directory in the source tree
     schedule: str
     dbname: str
+    dumped: bool = False  # then pg_dump and pg_restore what its tests left, through each path
 
 
 SUITES = {
     "postgres-regress": RegressSuite(
-        "regress/pg_regress", "src/test/regress", "parallel_schedule", "regression"
+        "regress/pg_regress", "src/test/regress", "parallel_schedule", "regression", dumped=True
     ),
     "postgres-isolation": RegressSuite(
         "isolation/pg_isolation_regress", "src/test/isolation", "isolation_schedule",
@@ -133,9 +138,14 @@ def run_regress(tree: PostgresTree, suite: RegressSuite, env: dict[str, str], ou
         f"--schedule={tree.source / suite.tests / suite.schedule}", f"--dbname={suite.dbname}",
     ]  # fmt: skip
     with log.open("w") as sink:
-        subprocess.run(argv, cwd=out, env={k: v for k, v in env.items() if k != "PGDATABASE"},
-                       stdout=sink, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT, check=False)
+        subprocess.run(argv, cwd=out, env=without_database(env), stdout=sink,
+                       stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT, check=False)
     return parse_log(log)
+
+
+def without_database(env: dict[str, str]) -> dict[str, str]:
+    """The tools name their database themselves."""
+    return {k: v for k, v in env.items() if k != "PGDATABASE"}
 
 
 def parse_log(log: Path) -> dict[str, str]:
@@ -165,3 +175,57 @@ def differing_outputs(direct: Path, other: Path) -> list[str]:
         if not (direct / "results" / name).exists() or not (other / "results" / name).exists()
         or (direct / "results" / name).read_bytes() != (other / "results" / name).read_bytes()
     )  # fmt: skip
+
+
+# pg_dump 15.14 and later put a random key in each plain dump (\restrict KEY, \unrestrict KEY)
+RESTRICT_KEY = re.compile(rb"^\\(un)?restrict \S+$", re.MULTILINE)
+
+
+def dump_checks(tree: PostgresTree, envs: dict[str, dict[str, str]], dbname: str, work: Path
+                ) -> dict[str, str]:
+    """pg_dump and pg_restore of what the regression tests left in `dbname`, through each
+    path (the first of `envs` is direct): a plain dump, then a directory dump and its
+    restore into a new database, both with two jobs (the jobs share the first's snapshot),
+    and a direct plain dump of what was restored. Each output is compared with direct's,
+    the dump's random \\restrict key aside. Path -> what differs from direct ('' if none)."""
+    work.mkdir()
+    direct_env = next(iter(envs.values()))
+    plain: dict[str, bytes] = {}
+    restored: dict[str, bytes] = {}
+    for name, path_env in envs.items():
+        slug = re.sub(r"\W", "_", name.lower())
+        env = without_database(path_env)
+        plain[name] = dump(tree, env, dbname, work / f"{slug}.sql")
+        copy = f"restored_{slug}"
+        subprocess.run(
+            [str(tree.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres",
+             "-c", "set client_min_messages = warning",
+             "-c", f"drop database if exists {copy} with (force)", "-c", f"create database {copy}"],
+            env=env, check=True, timeout=120,
+        )  # fmt: skip
+        subprocess.run(
+            [str(tree.bindir / "pg_dump"), "-Fd", "-j", "2", "-d", dbname,
+             "-f", str(work / f"{slug}.dir")],
+            env=env, check=True, timeout=RUN_TIMEOUT,
+        )  # fmt: skip
+        subprocess.run(
+            [str(tree.bindir / "pg_restore"), "-j", "2", "--exit-on-error", "-d", copy,
+             str(work / f"{slug}.dir")],
+            env=env, check=True, timeout=RUN_TIMEOUT,
+        )  # fmt: skip
+        restored[name] = dump(tree, direct_env, copy, work / f"{slug}-restored.sql")
+    first = next(iter(envs))
+    return {
+        name: ", ".join(
+            what for what, outputs in (("plain dump", plain), ("restored copy", restored))
+            if outputs[name] != outputs[first]
+        )
+        for name in envs
+        if name != first
+    }  # fmt: skip
+
+
+def dump(tree: PostgresTree, env: dict[str, str], dbname: str, out: Path) -> bytes:
+    subprocess.run([str(tree.bindir / "pg_dump"), "-d", dbname, "-f", str(out)],
+                   env=without_database(env), check=True, timeout=RUN_TIMEOUT)  # fmt: skip
+    return RESTRICT_KEY.sub(b"", out.read_bytes())
