@@ -7,7 +7,10 @@ show where the outcomes differ.
 The suites are those of asyncpg (a client in C/Cython), pg8000 (pure Python, its own
 protocol code), psycopg2 (on libpq, as psql; run against the psycopg2-binary wheel of
 the same version), SQLAlchemy (its backend tests, on psycopg 3: the queries an ORM and a
-schema tool send, reflection of every kind of object among them), and pgcli and pgspecial
+schema tool send, reflection of every kind of object among them), Django (its whole suite,
+some 18,000 tests, by its own runner in two processes: it creates its test databases,
+copies them with CREATE DATABASE ... TEMPLATE and drops them, all through the path), and
+pgcli and pgspecial
 (a terminal client and its backslash commands: the catalog queries GUIs send too). Their
 source distributions carry their tests. The cluster is the one of
 `bench.dataplane_bench` (one PostgreSQL with TLS and cert auth; an all-in-one `teleport
@@ -47,10 +50,12 @@ directly too (they want a standby server, or the server's own files) show up in 
 only.
 
 SQLAlchemy 2.1.9, pgcli 4.7.1 and pgspecial 2.2.1 (2026-11-23): no test's outcome differs
-from direct on either path. PostgreSQL 15.18's regression tests (217) and isolation tests
-(115), 2026-11-23: every output file through either path is the direct run's, byte for byte
-(one test of each fails on every path: `sequence` expects the bootstrap superuser,
-`temp-schema-cleanup` a connection without TLS).
+from direct on either path. Django 5.2.19 (18,177 tests; 336 s directly, 366 s through
+the all-in-one, 442 s distributed): none differs but one timed test of XML parsing, with no
+database in it, that failed directly (2.09 against at most 2). PostgreSQL 15.18's
+regression tests (217) and isolation tests (115), 2026-11-23: every output file through
+either path is the direct run's, byte for byte (one test of each fails on every path:
+`sequence` expects the bootstrap superuser, `temp-schema-cleanup` a connection without TLS).
 The one difference seen (2026-11-22: asyncpg 0.32.0, pg8000 1.31.6, psycopg2 2.9.13):
 asyncpg's `test_executemany_server_failure_during_writes` ("should stop early") failed in
 3 of 8 runs through the all-in-one and 6 of 8 through the distributed path (never
@@ -139,6 +144,8 @@ class Suite:
     setup: tuple[tuple[str, str], ...] = ()  # (database, SQL) run once as the superuser
     fresh_dbs: tuple[str, ...] = ()  # the suite's own databases, dropped before each run
     path_args: Callable[[dict[str, str]], list[str]] | None = None  # from the PG* variables
+    runner: Callable[[Path], list[str]] | None = None  # argv from the venv's python, not pytest
+    parse: Callable[[Path], dict[str, str]] | None = None  # the runner's log -> outcomes
 
 
 PG8000_TARGET = '''
@@ -176,6 +183,59 @@ def sqlalchemy_dburi(env: dict[str, str]) -> list[str]:
             "/test"]
 
 
+DJANGO_SETTINGS = '''"""Written by teleport-db's bench/client_suites.py: the server under test, from
+the PG* variables (direct, or a teleport-db proxy; libpq reads the TLS files from them)."""
+import os
+
+_server = {"ENGINE": "django.db.backends.postgresql", "HOST": os.environ["PGHOST"],
+           "PORT": os.environ["PGPORT"], "USER": os.environ["PGUSER"]}
+DATABASES = {"default": {**_server, "NAME": "django"},
+             "other": {**_server, "NAME": "django_other"}}
+SECRET_KEY = "django_tests_secret_key"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+USE_TZ = False
+'''
+# Django's runner, -v 2: "name (module.Class.name) ... ok", or the verdict on the line after
+# when the test has a docstring; "skipped 'why'", "expected failure", "FAIL", "ERROR".
+DJANGO_TEST = re.compile(r"^(\w+) \(([\w.]+)\)(.*)$")
+DJANGO_VERDICT = re.compile(
+    r" \.\.\. (ok|FAIL|ERROR|skipped.*|expected failure|unexpected success)$"
+)
+DJANGO_KINDS = {"ok": "PASSED", "FAIL": "FAILED", "ERROR": "ERROR", "skipped": "SKIPPED",
+                "expected failure": "XFAIL", "unexpected success": "XPASS"}  # fmt: skip
+
+
+def point_django(top: Path) -> None:
+    (top / "tests" / "test_teleport_db.py").write_text(DJANGO_SETTINGS)
+
+
+def django_runner(py: Path) -> list[str]:
+    # It creates its test databases through the path under test (CREATE DATABASE, then a
+    # copy per process with CREATE DATABASE ... TEMPLATE) and drops them at its end.
+    return [str(py), "runtests.py", "--settings=test_teleport_db", "--parallel=2", "-v", "2",
+            "--noinput"]  # fmt: skip
+
+
+def parse_django_log(log: Path) -> dict[str, str]:
+    outcomes: dict[str, str] = {}
+    test = None
+    for line in log.read_text(errors="replace").splitlines():
+        rest = line
+        started = DJANGO_TEST.match(line)
+        if started:
+            test, rest = started.group(2), started.group(3)
+        verdict = DJANGO_VERDICT.search(rest)
+        if verdict and test is not None:
+            word = verdict.group(1)
+            kind = DJANGO_KINDS["skipped" if word.startswith("skipped") else word]
+            outcomes[test] = kind if kind != "SKIPPED" else f"SKIPPED: {word[8:160]}"
+            test = None
+    if not outcomes:
+        raise RuntimeError(f"the suite reported nothing: see {log}")
+    return outcomes
+
+
 SUITES = {
     "asyncpg": Suite("asyncpg", "tests", extra=("distro",)),
     "pg8000": Suite("pg8000", "test", extra=("pytest-mock", "pytest-benchmark", "pytz"),
@@ -199,6 +259,11 @@ SUITES = {
     "pgcli": Suite("pgcli", "tests", extra=("psycopg[binary]", "sshtunnel"),
                    ignore=("*/tests/features/*",), options=("--import-mode=prepend",),
                    fresh_dbs=("_test_db",)),
+    # The whole of Django's own suite on its PostgreSQL backend (psycopg 3), run by its own
+    # runner; an app whose optional library is missing (Pillow, selenium, ...) skips.
+    "django": Suite("django", "tests", extra=("psycopg[binary]", "psycopg-pool", "tblib"),
+                    patch=point_django, paths=("tests",), runner=django_runner,
+                    parse=parse_django_log),
     "pgspecial": Suite("pgspecial", "tests", extra=("psycopg[binary]", "configobj"),
                        options=("--import-mode=prepend",), patch=point_pgspecial,
                        fresh_dbs=("_test_db", "_foreign_test_db")),
@@ -233,7 +298,7 @@ def fetch(root: Path, suite: Suite, version: str | None) -> tuple[Path, Path]:
     (top,) = unpacked.iterdir()
     if suite.patch is not None:
         suite.patch(top)
-    files = sum(1 for _ in (top / suite.tests).rglob("test_*.py"))
+    files = sum(1 for _ in (top / suite.tests).rglob("test*.py"))
     print(f"{suite.package} {installed}: {files} test files", flush=True)
     return py, top
 
@@ -241,6 +306,11 @@ def fetch(root: Path, suite: Suite, version: str | None) -> tuple[Path, Path]:
 def run_suite(py: Path, suite: Suite, top: Path, env: dict[str, str], log: Path
               ) -> dict[str, str]:
     """test id -> 'PASSED' / 'FAILED: first line' / ... from one run of the suite."""
+    if suite.runner is not None:
+        with log.open("w") as out:
+            subprocess.run(suite.runner(py), cwd=top / suite.tests, env=env, stdout=out,
+                           stderr=subprocess.STDOUT, timeout=SUITE_TIMEOUT, check=False)
+        return (suite.parse or parse_log)(log)
     argv = [
         str(py), "-m", "pytest", *(suite.paths or (suite.tests,)), "-p", "no:cacheprovider",
         "--import-mode=importlib", "-q", "-rA", "--tb=line", "-o", "addopts=",
