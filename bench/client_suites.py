@@ -262,7 +262,7 @@ SUITES = {
     # The whole of Django's own suite on its PostgreSQL backend (psycopg 3), run by its own
     # runner; an app whose optional library is missing (Pillow, selenium, ...) skips.
     "django": Suite("django", "tests", extra=("psycopg[binary]", "psycopg-pool", "tblib"),
-                    patch=point_django, paths=("tests",), runner=django_runner,
+                    patch=point_django, runner=django_runner,
                     parse=parse_django_log),
     "pgspecial": Suite("pgspecial", "tests", extra=("psycopg[binary]", "configobj"),
                        options=("--import-mode=prepend",), patch=point_pgspecial,
