@@ -306,21 +306,19 @@ def fetch(root: Path, suite: Suite, version: str | None) -> tuple[Path, Path]:
 def run_suite(py: Path, suite: Suite, top: Path, env: dict[str, str], log: Path
               ) -> dict[str, str]:
     """test id -> 'PASSED' / 'FAILED: first line' / ... from one run of the suite."""
-    if suite.runner is not None:
-        with log.open("w") as out:
-            subprocess.run(suite.runner(py), cwd=top / suite.tests, env=env, stdout=out,
-                           stderr=subprocess.STDOUT, timeout=SUITE_TIMEOUT, check=False)
-        return (suite.parse or parse_log)(log)
-    argv = [
-        str(py), "-m", "pytest", *(suite.paths or (suite.tests,)), "-p", "no:cacheprovider",
-        "--import-mode=importlib", "-q", "-rA", "--tb=line", "-o", "addopts=",
-        *(f"--ignore-glob={pattern}" for pattern in suite.ignore), *suite.options,
-        *(suite.path_args(env) if suite.path_args else ()),
-    ]  # fmt: skip
+    if suite.runner is not None:  # its own runner, from its test directory
+        argv, cwd = suite.runner(py), top / suite.tests
+    else:
+        argv, cwd = [
+            str(py), "-m", "pytest", *(suite.paths or (suite.tests,)), "-p", "no:cacheprovider",
+            "--import-mode=importlib", "-q", "-rA", "--tb=line", "-o", "addopts=",
+            *(f"--ignore-glob={pattern}" for pattern in suite.ignore), *suite.options,
+            *(suite.path_args(env) if suite.path_args else ()),
+        ], top  # fmt: skip
     with log.open("w") as out:
-        subprocess.run(argv, cwd=top, env=env, stdout=out, stderr=subprocess.STDOUT,
+        subprocess.run(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                        timeout=SUITE_TIMEOUT, check=False)
-    return parse_log(log)
+    return (suite.parse or parse_log)(log)
 
 
 def path_env(b: Bench, name: str) -> dict[str, str]:

@@ -313,10 +313,15 @@ def _retry(fn: Callable[[], object], what: str, timeout: float = 30) -> None:
             time.sleep(0.3)
 
 
+def apt_install(package: str, what: str, env: dict[str, str]) -> None:
+    """Install a Debian package the benchmark needs and the machine lacks."""
+    print(f"installing Debian's {package} ({what}) ...", flush=True)
+    run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package}", env)
+
+
 def start_pgbouncer(b: Bench, certs: Path, env: dict[str, str]) -> Target:
     if shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():
-        print("installing Debian's pgbouncer ...", flush=True)
-        run("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer", env)
+        apt_install("pgbouncer", "the pooler compared with", env)
     exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     root = Path(tempfile.mkdtemp(prefix="bench-pgbouncer-"))
     port = free_tcp_port()

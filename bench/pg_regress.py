@@ -32,6 +32,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.dataplane_bench import apt_install
+
 DEBIAN_POOL = "http://deb.debian.org/debian/pool/main/p"
 CONTRIB_MODULES = ("autoinc", "refint")  # what the triggers test loads besides regress.so
 RUN_TIMEOUT = 1800
@@ -105,12 +107,7 @@ def prepare_tree(root: Path, server_bindir: Path, source: str | None) -> Postgre
     root.chmod(0o711)
     includes = Path(pg_config(server_bindir, "--includedir-server"))
     if not (includes / "postgres.h").exists():
-        print(f"installing Debian's postgresql-server-dev-{major} (the server's headers) ...",
-              flush=True)  # fmt: skip
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", f"postgresql-server-dev-{major}"],
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, check=True, timeout=600,
-        )  # fmt: skip
+        apt_install(f"postgresql-server-dev-{major}", "the server's headers", dict(os.environ))
     pkglibdir = Path(pg_config(server_bindir, "--pkglibdir"))
     dlpath = root / "postgres-lib"
     dlpath.mkdir()

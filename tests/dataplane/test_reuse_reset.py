@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from dataplane.agent.reuse import ServerReuse, reuse_key
+from dataplane.agent.reuse import ReuseKey, ServerReuse, reuse_key
 from dataplane.postgres import FRONTEND, MessageDecoder, encode
 from dataplane.postgres import messages as m
 from schemas.bundle import BundleDatabase
@@ -94,10 +94,13 @@ def test_one_logged_in_before_close_all_is_not_taken() -> None:
     assert asyncio.run(_given_back_after_close_all()) == (False, 0)
 
 
-async def _taken_after(starts: list[float], idle_timeout: float = 10.0) -> list[bool]:
-    """Sessions of KEY start after each delay in `starts` (seconds); after each, whether
-    its server connection would be taken when it ends."""
+async def _taken_after(starts: list[float], idle_timeout: float = 10.0,
+                       others: tuple[ReuseKey, ...] = ()) -> list[bool]:
+    """Sessions of `others`, then of KEY after each delay in `starts` (seconds), start;
+    after each of KEY's, whether its server connection would be taken when it ends."""
     reuse = ServerReuse(idle_timeout)
+    for other in others:
+        reuse.take(other)
     taken, sockets = [], []
     for delay in starts:
         await asyncio.sleep(delay)
@@ -121,18 +124,6 @@ def test_only_a_client_that_reconnects_has_its_connection_kept() -> None:
 
 
 def test_other_keys_do_not_count_as_reconnects() -> None:
-    async def run() -> bool:
-        reuse = ServerReuse(10.0)
-        other = reuse_key(BundleDatabase(name="pg", uri="localhost:5432"), "bob", "alice",
-                          "main", {})
-        reuse.take(other)
-        reuse.take(KEY)
-        transport, theirs = await _connected()
-        taken = reuse.give_back(KEY, transport, None, [], asyncio.get_running_loop().time(),
-                                reuse.generation)
-        await reuse.shutdown()
-        transport.abort()
-        theirs.close()
-        return taken
-
-    assert asyncio.run(run()) is False
+    other = reuse_key(BundleDatabase(name="pg", uri="localhost:5432"), "bob", "alice", "main",
+                      {})  # fmt: skip
+    assert asyncio.run(_taken_after([0], others=(other,))) == [False]
