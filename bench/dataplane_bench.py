@@ -19,7 +19,10 @@ Measured (medians of `--rounds` interleaved rounds; ratios to direct-TLS of the 
 - `pgbench -S -n -j 2` TPS at 1, 8 and 32 clients, and `-C -c 8` connections per second;
 - per-transaction latency p50/p99 at 1 client (pgbench's log);
 - `COPY (...) TO STDOUT` of --copy-mb MB through each path, MB/s;
-- the agent's resident memory with --idle idle sessions open through the proxy.
+- the agent's resident memory with --idle idle sessions open through the proxy;
+- at 8 clients, the CPU time per transaction of each path's processes and of the rest of
+  the machine (pgbench, PostgreSQL, the kernel), and the share left idle: where the time
+  goes, and so why the ratios are what they are on this machine.
 Targets of issue 5: distributed >= 0.25x direct-TLS TPS at 8 clients; all-in-one >= 0.35x;
 `-C` >= 0.5x direct-TLS connections per second; COPY >= 0.5x direct throughput.
 The agents run with their defaults, so with `-C` (a client that reconnects) they keep the
@@ -102,6 +105,9 @@ class Target:
     conninfo: str
     env: dict[str, str]
     pid: int | None = None  # the process whose memory is measured (agent)
+    # The processes of this path, by the names `Bench.processes` gives them, whose CPU
+    # time is counted per transaction (see `cpu_table`).
+    processes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -110,6 +116,7 @@ class Bench:
     pg: EmbeddedPostgres
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)
+    processes: dict[str, int] = field(default_factory=dict)  # name -> pid, for CPU time
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -198,7 +205,7 @@ def prepare(root: Path) -> Bench:
     assert pin is not None, status
     common = [f"--auth-server=127.0.0.1:{auth}", f"--token={TOKEN}", f"--ca-pin={pin.group(1)}"]
     cluster_config(root / "proxy.yaml", web2, tunnel2, None)
-    b.spawn(
+    proxy = b.spawn(
         [str(BIN / "teleport-agent"), "run", "--role=proxy", "--config", str(root / "proxy.yaml"),
          "--data-dir", str(root / "proxy"), *common],
         "dist-proxy", env,
@@ -211,6 +218,7 @@ def prepare(root: Path) -> Bench:
     )  # fmt: skip
 
     login(env, data, ["bench", "bench-dist"])
+    b.processes.update({"proxy": proxy.pid, "agent": agent.pid, "teleport start": allinone.pid})
     b.targets["direct-TLS"] = Target("direct-TLS", _direct(pg_port, certs, "alice"), env)
     b.targets["pgbouncer-TLS"] = start_pgbouncer(b, certs, env)
     b.targets["distributed"] = Target(
@@ -218,9 +226,16 @@ def prepare(root: Path) -> Bench:
         f"service=bench-bench-dist host=localhost port={web2} user=alice dbname=bench",
         env,
         pid=agent.pid,
+        # The all-in-one process is the distributed path's control plane: it takes in the
+        # agent's audit events, one per transaction here.
+        processes=("proxy", "agent", "teleport start"),
     )
     b.targets["all-in-one"] = Target(
-        "all-in-one", "service=bench-bench user=alice dbname=bench", env, pid=allinone.pid
+        "all-in-one",
+        "service=bench-bench user=alice dbname=bench",
+        env,
+        pid=allinone.pid,
+        processes=("teleport start",),
     )
     run(["pgbench", "-i", "-s", "10", "-q", b.targets["direct-TLS"].conninfo], env, timeout=900)
     return b
@@ -371,8 +386,9 @@ pidfile = {root / "pgbouncer.pid"}
         if time.monotonic() > deadline or proc.poll() is not None:
             raise RuntimeError(f"pgbouncer did not start; see {root / 'pgbouncer.log'}")
         time.sleep(0.1)
+    b.processes["pgbouncer"] = proc.pid
     conninfo = _direct(port, certs, "alice")
-    return Target("pgbouncer-TLS", conninfo, env)
+    return Target("pgbouncer-TLS", conninfo, env, processes=("pgbouncer",))
 
 
 # --- measurements --------------------------------------------------------------------------
@@ -437,6 +453,53 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU time used so far, in clock ticks: by each named process (user and system, all
+    its threads) and by the whole machine (`busy` of `total`, every CPU)."""
+
+    processes: dict[str, int]
+    busy: int
+    total: int
+
+    @classmethod
+    def take(cls, pids: dict[str, int]) -> CpuSnapshot:
+        processes = {}
+        for name, pid in pids.items():
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()  # from field 3, the state
+            processes[name] = int(fields[11]) + int(fields[12])  # utime, stime
+        cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        idle = cpu[3] + cpu[4]  # idle, iowait
+        return cls(processes, sum(cpu) - idle, sum(cpu))
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """One run's CPU time per transaction, in µs: each of the path's processes, and the
+    rest of the machine (pgbench, PostgreSQL, and the kernel's work outside the named
+    processes); `idle` is the share of all CPUs' time left unused."""
+
+    processes: dict[str, float]
+    rest: float
+    idle: float
+
+    @classmethod
+    def between(
+        cls, before: CpuSnapshot, after: CpuSnapshot, transactions: int, names: Sequence[str]
+    ) -> CpuUse:
+        def per_txn(ticks: int) -> float:
+            return ticks / TICKS_PER_SECOND / max(transactions, 1) * 1e6
+
+        used = {n: per_txn(after.processes[n] - before.processes[n]) for n in names}
+        busy = per_txn(after.busy - before.busy)
+        idle = 1 - (after.busy - before.busy) / max(after.total - before.total, 1)
+        return cls(used, busy - sum(used.values()), idle)
+
+
 def idle_sessions(t: Target, count: int) -> tuple[float, float, float]:
     import psycopg  # noqa: PLC0415 - a test dependency, only this measurement needs it
 
@@ -487,7 +550,7 @@ def main() -> None:
         targets = bench.targets
         order = ["direct-TLS", "pgbouncer-TLS", "distributed", "all-in-one"]
         if "tps" in only:
-            tps_table(targets, order, args)
+            tps_table(targets, order, args, bench.processes)
         if "latency" in only:
             print("\nLatency at 1 client (pgbench -S -c 1), ms", flush=True)
             print(f"{'path':<16}{'p50':>8}{'p99':>8}")
@@ -515,7 +578,12 @@ def main() -> None:
         print(f"\nlogs and files: {root}")
 
 
-def tps_table(targets: dict[str, Target], order: list[str], args: argparse.Namespace) -> None:
+def tps_table(
+    targets: dict[str, Target],
+    order: list[str],
+    args: argparse.Namespace,
+    processes: dict[str, int],
+) -> None:
     cases: list[tuple[str, int, list[str]]] = [
         ("c1", 1, []),
         ("c8", 8, []),
@@ -523,12 +591,19 @@ def tps_table(targets: dict[str, Target], order: list[str], args: argparse.Names
         ("-C c8", 8, ["-C"]),
     ]
     results: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[str, list[CpuUse]] = {}
     for rnd in range(args.rounds):
         for case, clients, extra in cases:
             # Interleave: each case runs every path back to back, rotating the order.
             rotated = order[rnd % len(order) :] + order[: rnd % len(order)]
             for name in rotated:
-                tps, _ = pgbench_select(targets[name], args.seconds, clients, extra)
+                before = CpuSnapshot.take(processes)
+                tps, done = pgbench_select(targets[name], args.seconds, clients, extra)
+                if case == "c8":
+                    use = CpuUse.between(
+                        before, CpuSnapshot.take(processes), done, targets[name].processes
+                    )
+                    cpu.setdefault(name, []).append(use)
                 results.setdefault((name, case), []).append(tps)
                 print(f"  round {rnd + 1} {case:<6} {name:<14} {tps:>9.0f}", flush=True)
     print(
@@ -544,6 +619,46 @@ def tps_table(targets: dict[str, Target], order: list[str], args: argparse.Names
             base = median(results[("direct-TLS", case)])
             cells.append(f"{value:>10.0f} ({value / base:4.2f}x)")
         print(f"{name:<16}" + "".join(f"{c:>18}" for c in cells), flush=True)
+    cpu_table(cpu, order, {n: median(results[(n, "c8")]) for n in order}, processes)
+
+
+def cpu_table(
+    cpu: dict[str, list[CpuUse]],
+    order: list[str],
+    tps: dict[str, float],
+    processes: dict[str, int],
+) -> None:
+    """Where the CPU time of a transaction goes on each path, at 8 clients: what sets the
+    ratios above. A path's own processes cost what the others do not; `rest` grows with
+    each TCP leg (the kernel's work for it) and `idle` with each process to wake."""
+    names = list(processes)
+    print(
+        f"\nCPU time per transaction at 8 clients, µs (medians of {len(cpu[order[0]])} rounds; "
+        "user and system time from /proc)\nrest: pgbench, PostgreSQL and the kernel's work "
+        "outside the named processes; idle: the share of all CPUs' time unused.\n"
+        "For distributed, `teleport start` is its control plane, taking in one audit event "
+        "per transaction."
+    )
+    print(
+        f"{'path':<16}{'TPS':>7}"
+        + "".join(f"{n:>16}" for n in names)
+        + f"{'rest':>8}{'total':>8}{'idle':>7}"
+    )
+    for name in order:
+        uses = cpu[name]
+        cells = []
+        for process in names:
+            values = [u.processes[process] for u in uses if process in u.processes]
+            cells.append(f"{median(values):>16.1f}" if values else f"{'-':>16}")
+        rest = median([u.rest for u in uses])
+        total = median([u.rest + sum(u.processes.values()) for u in uses])
+        idle = median([u.idle for u in uses])
+        print(
+            f"{name:<16}{tps[name]:>7.0f}"
+            + "".join(cells)
+            + f"{rest:>8.1f}{total:>8.1f}{idle:>7.1%}",
+            flush=True,
+        )
 
 
 def copy_table(targets: dict[str, Target], args: argparse.Namespace) -> None:
