@@ -9,7 +9,8 @@ again, because it trusts nothing it has not checked itself.
 `upstream_parameters(startup)` is what of the client's StartupMessage goes on to
 PostgreSQL: everything but `user` and `database` (the agent sets those), protocol options
 (`_pq_.*`, which we do not negotiate) and `replication` (refused: a replication connection
-is not a database session RBAC reasons about).
+is not a database session RBAC reasons about; a false value, which PostgreSQL takes for an
+ordinary session, is accepted and dropped).
 
 Nothing here touches the network or a clock.
 """
@@ -40,7 +41,7 @@ def resolve_target(identity: Identity, startup: Mapping[str, str]) -> tuple[str,
             "the certificate carries no database route: run `tsh db login <database>` and "
             "connect with the files it writes"
         )
-    if "replication" in startup:
+    if "replication" in startup and not is_false(startup["replication"]):
         raise TargetRefused(
             "replication connections are not supported through teleport-db; connect without "
             "the replication parameter"
@@ -67,6 +68,18 @@ def resolve_target(identity: Identity, startup: Mapping[str, str]) -> tuple[str,
         )
     db_name = route.db_name or asked_db or db_user
     return db_user, db_name
+
+
+def is_false(value: str) -> bool:
+    """Whether PostgreSQL reads `value` as a false boolean (as it reads `replication`):
+    "false", "no" and "off", any case, or a prefix of them long enough to be unique ("f",
+    "n", "of"), or "0"."""
+    lowered = value.lower()
+    if lowered == "0":
+        return True
+    if lowered[:1] in ("f", "n"):
+        return ("false" if lowered[0] == "f" else "no").startswith(lowered)
+    return len(lowered) >= 2 and "off".startswith(lowered)
 
 
 def upstream_parameters(startup: Mapping[str, str]) -> dict[str, str]:

@@ -51,6 +51,24 @@ def test_mismatches_say_what_to_run(
         resolve_target(identity(*route), startup)
 
 
+@pytest.mark.parametrize(
+    "value", ["false", "FALSE", "f", "fal", "no", "N", "off", "of", "OFF", "0"]
+)
+def test_a_false_replication_value_is_an_ordinary_session(value: str) -> None:
+    # PostgreSQL reads `replication` as a boolean (or "database"); false means no walsender.
+    startup = {"user": "bob", "database": "sales", "replication": value}
+    assert resolve_target(identity(), startup) == ("bob", "sales")
+    assert "replication" not in upstream_parameters(startup)
+
+
+@pytest.mark.parametrize(
+    "value", ["true", "database", "1", "on", "yes", "o", "", "falsey", "nope", "offf", "00"]
+)
+def test_any_other_replication_value_is_refused(value: str) -> None:
+    with pytest.raises(TargetRefused, match="replication connections are not supported"):
+        resolve_target(identity(), {"user": "bob", "replication": value})
+
+
 def test_only_client_parameters_go_upstream() -> None:
     startup = {"user": "a", "database": "b", "application_name": "psql", "options": "-c x=1",
                "client_encoding": "UTF8", "_pq_.something": "1", "replication": "true"}

@@ -1,7 +1,7 @@
 """Clients beyond psql, through the product's proxy exactly as directly: psycopg's pipeline
 mode, binary COPY in, binary results, a server-side cursor, a server error's SQLSTATE, and
 the connection's own information (server version, ParameterStatus, backend pid); pg_dump and
-pg_restore, parallel ones included."""
+pg_restore, parallel ones included; the startup parameter `replication`."""
 
 from __future__ import annotations
 
@@ -136,3 +136,20 @@ def test_direct_tls_of_postgresql_17_clients_through_the_proxy(
         assert _connect_outcome(alice.dsn("bench"), sslnegotiation="direct") == (
             "protocol 3, ('alice',)"
         )
+
+
+@pytest.mark.parametrize("value", ["false", "off", "0"])
+def test_replication_false_is_an_ordinary_session_as_directly(
+    cluster: E2ECluster, alice: Person, value: str
+) -> None:
+    """PostgreSQL reads `replication` as a boolean: false is an ordinary session. A
+    replication connection proper is refused by the proxy with a message of its own."""
+    assert cluster.pg is not None
+    direct = f"host={cluster.pg.socket_dir} port={cluster.pg.port} user=alice dbname=bench"
+    assert _connect_outcome(direct, replication=value) == "protocol 3, ('alice',)"
+    with alice.libpq_env():
+        assert _connect_outcome(alice.dsn("bench"), replication=value) == (
+            "protocol 3, ('alice',)"
+        )
+        refused = _connect_outcome(alice.dsn("bench"), replication="database")
+    assert "replication connections are not supported through teleport-db" in refused
