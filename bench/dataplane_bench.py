@@ -105,9 +105,9 @@ class Target:
     conninfo: str
     env: dict[str, str]
     pid: int | None = None  # the process whose memory is measured (agent)
-    # The processes of this path, by the names `Bench.processes` gives them, whose CPU
-    # time is counted per transaction (see `cpu_table`).
-    processes: tuple[str, ...] = ()
+    # The processes of this path (name -> pid) whose CPU time is counted per transaction
+    # (see `cpu_table`).
+    processes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,7 +116,6 @@ class Bench:
     pg: EmbeddedPostgres
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)
-    processes: dict[str, int] = field(default_factory=dict)  # name -> pid, for CPU time
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -218,7 +217,6 @@ def prepare(root: Path) -> Bench:
     )  # fmt: skip
 
     login(env, data, ["bench", "bench-dist"])
-    b.processes.update({"proxy": proxy.pid, "agent": agent.pid, "teleport start": allinone.pid})
     b.targets["direct-TLS"] = Target("direct-TLS", _direct(pg_port, certs, "alice"), env)
     b.targets["pgbouncer-TLS"] = start_pgbouncer(b, certs, env)
     b.targets["distributed"] = Target(
@@ -228,14 +226,14 @@ def prepare(root: Path) -> Bench:
         pid=agent.pid,
         # The all-in-one process is the distributed path's control plane: it takes in the
         # agent's audit events, one per transaction here.
-        processes=("proxy", "agent", "teleport start"),
+        processes={"proxy": proxy.pid, "agent": agent.pid, "teleport start": allinone.pid},
     )
     b.targets["all-in-one"] = Target(
         "all-in-one",
         "service=bench-bench user=alice dbname=bench",
         env,
         pid=allinone.pid,
-        processes=("teleport start",),
+        processes={"teleport start": allinone.pid},
     )
     run(["pgbench", "-i", "-s", "10", "-q", b.targets["direct-TLS"].conninfo], env, timeout=900)
     return b
@@ -386,9 +384,8 @@ pidfile = {root / "pgbouncer.pid"}
         if time.monotonic() > deadline or proc.poll() is not None:
             raise RuntimeError(f"pgbouncer did not start; see {root / 'pgbouncer.log'}")
         time.sleep(0.1)
-    b.processes["pgbouncer"] = proc.pid
     conninfo = _direct(port, certs, "alice")
-    return Target("pgbouncer-TLS", conninfo, env, processes=("pgbouncer",))
+    return Target("pgbouncer-TLS", conninfo, env, processes={"pgbouncer": proc.pid})
 
 
 # --- measurements --------------------------------------------------------------------------
@@ -488,13 +485,11 @@ class CpuUse:
     idle: float
 
     @classmethod
-    def between(
-        cls, before: CpuSnapshot, after: CpuSnapshot, transactions: int, names: Sequence[str]
-    ) -> CpuUse:
+    def between(cls, before: CpuSnapshot, after: CpuSnapshot, transactions: int) -> CpuUse:
         def per_txn(ticks: int) -> float:
             return ticks / TICKS_PER_SECOND / max(transactions, 1) * 1e6
 
-        used = {n: per_txn(after.processes[n] - before.processes[n]) for n in names}
+        used = {n: per_txn(after.processes[n] - ticks) for n, ticks in before.processes.items()}
         busy = per_txn(after.busy - before.busy)
         idle = 1 - (after.busy - before.busy) / max(after.total - before.total, 1)
         return cls(used, busy - sum(used.values()), idle)
@@ -550,7 +545,7 @@ def main() -> None:
         targets = bench.targets
         order = ["direct-TLS", "pgbouncer-TLS", "distributed", "all-in-one"]
         if "tps" in only:
-            tps_table(targets, order, args, bench.processes)
+            tps_table(targets, order, args)
         if "latency" in only:
             print("\nLatency at 1 client (pgbench -S -c 1), ms", flush=True)
             print(f"{'path':<16}{'p50':>8}{'p99':>8}")
@@ -582,7 +577,6 @@ def tps_table(
     targets: dict[str, Target],
     order: list[str],
     args: argparse.Namespace,
-    processes: dict[str, int],
 ) -> None:
     cases: list[tuple[str, int, list[str]]] = [
         ("c1", 1, []),
@@ -597,13 +591,12 @@ def tps_table(
             # Interleave: each case runs every path back to back, rotating the order.
             rotated = order[rnd % len(order) :] + order[: rnd % len(order)]
             for name in rotated:
-                before = CpuSnapshot.take(processes)
-                tps, done = pgbench_select(targets[name], args.seconds, clients, extra)
-                if case == "c8":
-                    use = CpuUse.between(
-                        before, CpuSnapshot.take(processes), done, targets[name].processes
-                    )
-                    cpu.setdefault(name, []).append(use)
+                target = targets[name]
+                before = CpuSnapshot.take(target.processes) if case == "c8" else None
+                tps, done = pgbench_select(target, args.seconds, clients, extra)
+                if before is not None:
+                    after = CpuSnapshot.take(target.processes)
+                    cpu.setdefault(name, []).append(CpuUse.between(before, after, done))
                 results.setdefault((name, case), []).append(tps)
                 print(f"  round {rnd + 1} {case:<6} {name:<14} {tps:>9.0f}", flush=True)
     print(
@@ -619,19 +612,14 @@ def tps_table(
             base = median(results[("direct-TLS", case)])
             cells.append(f"{value:>10.0f} ({value / base:4.2f}x)")
         print(f"{name:<16}" + "".join(f"{c:>18}" for c in cells), flush=True)
-    cpu_table(cpu, order, {n: median(results[(n, "c8")]) for n in order}, processes)
+    cpu_table(cpu, order, {n: median(results[(n, "c8")]) for n in order})
 
 
-def cpu_table(
-    cpu: dict[str, list[CpuUse]],
-    order: list[str],
-    tps: dict[str, float],
-    processes: dict[str, int],
-) -> None:
+def cpu_table(cpu: dict[str, list[CpuUse]], order: list[str], tps: dict[str, float]) -> None:
     """Where the CPU time of a transaction goes on each path, at 8 clients: what sets the
     ratios above. A path's own processes cost what the others do not; `rest` grows with
     each TCP leg (the kernel's work for it) and `idle` with each process to wake."""
-    names = list(processes)
+    names = list(dict.fromkeys(p for name in order for p in cpu[name][0].processes))
     print(
         f"\nCPU time per transaction at 8 clients, µs (medians of {len(cpu[order[0]])} rounds; "
         "user and system time from /proc)\nrest: pgbench, PostgreSQL and the kernel's work "

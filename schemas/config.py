@@ -264,6 +264,9 @@ class DbService(ConfigModel):
         default_factory=list,
         description="also serve the bundle's databases whose labels match a selector",
     )
+    # Below the 5 s PostgreSQL waits in CREATE, ALTER and DROP DATABASE for the database's
+    # other connections to go, so that such a statement sent around an agent (directly, or
+    # through another agent) succeeds. The agent's default is read from here.
     server_idle_timeout: DurationOrOff = Field(
         "3s",
         description=(

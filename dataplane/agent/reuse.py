@@ -48,13 +48,15 @@ from dataplane.postgres import BACKEND, MessageDecoder, ProtocolError, encode
 from dataplane.postgres import messages as m
 from dataplane.relay import ConnectionClosed, Inbox
 from schemas.bundle import BundleDatabase
+from schemas.config import DbService
+from schemas.durations import parse_duration
 
 logger = logging.getLogger(__name__)
 
-# s: the default of db_service.server_idle_timeout. Below the 5 s PostgreSQL waits in
-# CREATE, ALTER and DROP DATABASE for the database's other connections to go, so that
-# such a statement sent around this agent (directly, or through another agent) succeeds.
-SERVER_IDLE_TIMEOUT = 3.0
+# s: the default of db_service.server_idle_timeout, as the configuration schema states it
+SERVER_IDLE_TIMEOUT = parse_duration(
+    DbService.model_fields["server_idle_timeout"].default
+).total_seconds()
 RESET_QUERY = "DISCARD ALL"
 RESET_TIMEOUT = 5.0  # s: a server that takes longer to reset is closed, not kept
 MAX_RESET_ANSWER = 64 * 1024  # bytes: DISCARD ALL answers with a few short messages
