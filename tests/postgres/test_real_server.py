@@ -463,7 +463,12 @@ class DecodingRelay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=30)
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port),
+                                                    timeout=30)
+            except OSError:  # the server is gone (the test is over): this client is closed
+                _hang_up(client)
+                continue
             client.settimeout(30)
             t = threading.Thread(target=self._client_side, args=(client, upstream))
             self.threads.append(t)
